@@ -1,0 +1,197 @@
+"""One typed configuration for one trial: every default lives here, validated once at the edge.
+
+A study (study/) builds these from its spec; the command line (`python -m trainables`) builds one from a YAML
+file plus `--set key=value` overrides. Defaults describe the quick built-in run: digits on CPU, under a minute.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DATASETS = ("digits", "cifar10", "stl10", "celeba", "imagefolder", "mnist")
+ARCHITECTURES = ("standard_cnn", "resnet")
+VARIANTS = (
+    "none", "sn", "ssn", "bsn", "bssn", "strict_sn", "sn_gamma_shared", "sn_gamma_layer",
+    "weight_norm", "layer_norm", "batch_norm",
+)
+LOSSES = ("hinge", "non_saturating", "wgan_gp")
+METRICS = ("fid", "is", "kid", "fd_digits")
+DIVERGENCE_CAUSES = (
+    "nonfinite_loss", "nonfinite_grad", "grad_explosion", "grad_vanishing",
+    "fid_blowup", "d_saturation", "mode_collapse",
+)
+# The paper trains the learned-gamma SN baselines with WGAN-GP; every other variant with the hinge loss.
+GAMMA_VARIANTS = ("sn_gamma_shared", "sn_gamma_layer")
+# Resolutions each architecture is built for (SNGAN's standard CNN: mg = 4, 6, 8; ResNet: 32 and 128 px).
+RESOLUTIONS = {"standard_cnn": (32, 48, 64), "resnet": (32, 128)}
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DivergenceConfig(StrictModel):
+    """Thresholds and policies of the divergence watch (trainables/events.py)."""
+
+    grad_explosion: float = Field(1e4, gt=0)  # total gradient norm of D or G above this is an explosion
+    grad_vanishing: float = Field(1e-8, gt=0)  # total gradient norm of D below this ...
+    grad_vanishing_patience: int = Field(5, ge=1)  # ... for this many consecutive logging steps
+    fid_blowup_factor: float = Field(4.0, gt=1)  # metric above factor x its best so far, after warm-up ...
+    fid_blowup_cap: float | None = Field(None, gt=0)  # ... or above this absolute cap (None: no cap)
+    fid_blowup_warmup_evals: int = Field(2, ge=0)  # evaluations ignored before the blow-up rule applies
+    d_saturation_margin: float = Field(0.0, ge=0)  # min D(real) - max D(fake) above this is perfect separation ...
+    d_saturation_patience: int = Field(20, ge=1)  # ... for this many consecutive logging steps
+    mode_collapse: float | None = Field(None, gt=0)  # mean pairwise sample distance below this (None: off)
+    policy: dict[str, Literal["stop", "record"]] = Field(
+        default_factory=lambda: {
+            "nonfinite_loss": "stop", "nonfinite_grad": "stop", "grad_explosion": "stop",
+            "grad_vanishing": "stop", "fid_blowup": "stop", "d_saturation": "record", "mode_collapse": "record",
+        }
+    )
+    # What a stopped trial reports as its objective: finite, so that ASHA and Optuna keep working.
+    diverged_objective: float = Field(1e4, gt=0)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_causes(cls, policy: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(policy) - set(DIVERGENCE_CAUSES))
+        if unknown:
+            raise ValueError(f"unknown divergence cause(s) {unknown}; valid: {', '.join(DIVERGENCE_CAUSES)}")
+        return policy
+
+
+class TrialConfig(StrictModel):
+    """Everything one GAN training run needs. Units: iterations count generator updates."""
+
+    # Data
+    dataset: Literal[DATASETS] = "digits"
+    data_root: str = "data"  # where the dataset lives on disk (ignored by the built-in digits)
+    download: bool = False  # let torchvision download a missing dataset
+    resolution: int = 32  # pixels per side of the training images
+
+    # Networks and normalization
+    architecture: Literal[ARCHITECTURES] = "standard_cnn"
+    width: float = Field(0.25, gt=0)  # channel multiplier: 1.0 is the paper's network, smaller for CPU studies
+    z_dim: int = Field(128, ge=1)
+    variant: Literal[VARIANTS] = "sn"  # discriminator normalization
+    scale: float = 1.0  # the paper's constant c for ssn / bssn / strict_sn
+    n_power_iterations: int = Field(1, ge=1)  # per training forward
+    sn_grad_through_power_iteration: bool = True  # as the official BSN code; False: u, v constants as PyTorch
+
+    # Loss and optimisation
+    loss: Literal[LOSSES] = "hinge"  # wgan_gp by default for the learned-gamma variants (as the paper)
+    gp_weight: float = Field(10.0, ge=0)  # lambda of WGAN-GP
+    g_lr: float = 2e-4
+    d_lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    n_dis: int = 1  # D steps per G step
+    batch_size: int = 64
+    iterations: int = Field(1000, ge=1)  # generator iterations
+    seed: int = 0
+
+    # Schedule (in generator iterations)
+    log_every: int = Field(50, ge=1)
+    eval_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+
+    # Metrics
+    metrics: tuple[Literal[METRICS], ...] = ()  # empty: fd_digits for digits, else fid, is, kid
+    eval_generated: int = Field(10_000, ge=2)  # the paper: 10k generated vs 5k real at each evaluation
+    eval_real: int = Field(5_000, ge=2)
+    inception_weights: str | None = None  # path to pt_inception-2015-12-05 weights; None: torch hub cache
+    cache_dir: str = "~/.cache/gan-stability"  # reference statistics and the digits feature extractor
+
+    divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+    @field_validator("g_lr", "d_lr")
+    @classmethod
+    def _positive_lr(cls, lr: float) -> float:
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"learning rate must be a finite number > 0, got {lr}")
+        return lr
+
+    @field_validator("beta1", "beta2")
+    @classmethod
+    def _beta_in_unit_interval(cls, beta: float) -> float:
+        if not 0 <= beta < 1:
+            raise ValueError(f"Adam beta must lie in [0, 1), got {beta}")
+        return beta
+
+    @field_validator("scale")
+    @classmethod
+    def _positive_scale(cls, scale: float) -> float:
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale c must be a finite number > 0, got {scale}")
+        return scale
+
+    @field_validator("n_dis")
+    @classmethod
+    def _n_dis(cls, n_dis: int) -> int:
+        if n_dis < 1:
+            raise ValueError(f"n_dis must be >= 1, got {n_dis}")
+        return n_dis
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, batch_size: int) -> int:
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2, got {batch_size}")
+        return batch_size
+
+    @model_validator(mode="before")
+    @classmethod
+    def _loss_follows_variant(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("variant") in GAMMA_VARIANTS and "loss" not in data:
+            data = {**data, "loss": "wgan_gp"}
+        return data
+
+    @model_validator(mode="after")
+    def _resolution_fits_architecture(self) -> TrialConfig:
+        valid = RESOLUTIONS[self.architecture]
+        if self.resolution not in valid:
+            raise ValueError(
+                f"resolution: {self.resolution} px is not built by architecture {self.architecture!r}; "
+                f"valid: {', '.join(map(str, valid))}"
+            )
+        return self
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        if self.metrics:
+            return self.metrics
+        return ("fd_digits",) if self.dataset == "digits" else ("fid", "is", "kid")
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric the study minimises and the blow-up rule watches."""
+        return self.metric_names[0] if self.metric_names[0] != "is" else "fid"
+
+
+class ConfigError(ValueError):
+    """Bad trial configuration; the message names each offending field and its valid values."""
+
+
+def parse_config(values: dict[str, Any] | TrialConfig) -> TrialConfig:
+    """Validate a plain dict (from YAML, `--set` or a Ray Tune config) into a TrialConfig."""
+    if isinstance(values, TrialConfig):
+        return values
+    try:
+        return TrialConfig.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        field = ".".join(str(part) for part in err["loc"])
+        lines.append(f"{field}: {message}" if field else message)  # model-level messages name their field
+    return "invalid trial config:\n  " + "\n  ".join(lines)
