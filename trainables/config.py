@@ -1,7 +1,7 @@
 """One typed configuration for one trial: every default lives here, validated once at the edge.
 
-A study (study/) builds these from its spec; the command line (`python -m trainables`) builds one from a YAML
-file plus `--set key=value` overrides. Defaults describe the quick built-in run: digits on CPU, under a minute.
+A study (study/) builds these from its spec; the command line (`python -m trainables`) builds one from a
+YAML file plus `--set key=value` overrides. Defaults describe the quick built-in run: digits on CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ VARIANTS = (
     "none", "sn", "ssn", "bsn", "bssn", "strict_sn", "sn_gamma_shared", "sn_gamma_layer",
     "weight_norm", "layer_norm", "batch_norm",
 )
+SCALED_VARIANTS = ("ssn", "bssn", "strict_sn")  # the variants that take the paper's constant c (`scale`)
 LOSSES = ("hinge", "non_saturating", "wgan_gp")
 METRICS = ("fid", "is", "kid", "fd_digits")
 DIVERGENCE_CAUSES = (
@@ -42,13 +43,14 @@ class DivergenceConfig(StrictModel):
     fid_blowup_factor: float = Field(4.0, gt=1)  # metric above factor x its best so far, after warm-up ...
     fid_blowup_cap: float | None = Field(None, gt=0)  # ... or above this absolute cap (None: no cap)
     fid_blowup_warmup_evals: int = Field(2, ge=0)  # evaluations ignored before the blow-up rule applies
-    d_saturation_margin: float = Field(0.0, ge=0)  # min D(real) - max D(fake) above this is perfect separation ...
+    d_saturation_margin: float = Field(0.0, ge=0)  # min D(real) - max D(fake) above this: separated ...
     d_saturation_patience: int = Field(20, ge=1)  # ... for this many consecutive logging steps
     mode_collapse: float | None = Field(None, gt=0)  # mean pairwise sample distance below this (None: off)
     policy: dict[str, Literal["stop", "record"]] = Field(
         default_factory=lambda: {
             "nonfinite_loss": "stop", "nonfinite_grad": "stop", "grad_explosion": "stop",
-            "grad_vanishing": "stop", "fid_blowup": "stop", "d_saturation": "record", "mode_collapse": "record",
+            "grad_vanishing": "stop", "fid_blowup": "stop", "d_saturation": "record",
+            "mode_collapse": "record",
         }
     )
     # What a stopped trial reports as its objective: finite, so that ASHA and Optuna keep working.
@@ -74,7 +76,7 @@ class TrialConfig(StrictModel):
 
     # Networks and normalization
     architecture: Literal[ARCHITECTURES] = "standard_cnn"
-    width: float = Field(0.25, gt=0)  # channel multiplier: 1.0 is the paper's network, smaller for CPU studies
+    width: float = Field(0.25, gt=0)  # channels x width: 1.0 is the paper's network, less for CPU studies
     z_dim: int = Field(128, ge=1)
     variant: Literal[VARIANTS] = "sn"  # discriminator normalization
     scale: float = 1.0  # the paper's constant c for ssn / bssn / strict_sn
@@ -157,6 +159,15 @@ class TrialConfig(StrictModel):
             raise ValueError(
                 f"resolution: {self.resolution} px is not built by architecture {self.architecture!r}; "
                 f"valid: {', '.join(map(str, valid))}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _scale_only_where_c_applies(self) -> TrialConfig:
+        if self.scale != 1.0 and self.variant not in SCALED_VARIANTS:
+            raise ValueError(
+                f"scale: variant {self.variant!r} takes no constant c (got scale={self.scale}); "
+                f"scale applies to {', '.join(SCALED_VARIANTS)}, every other variant needs scale 1.0"
             )
         return self
 
