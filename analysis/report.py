@@ -1,0 +1,187 @@
+"""The study report: one self-contained HTML file (figures embedded as base64 PNG, no external URL) with the
+tables and figures of a study, written next to its Parquet tables and figures, and logged to the study's
+MLflow parent run under `analysis/`.
+
+Layout of out_dir: report.html, tables/<table>.parquet, tables/<name>.csv (aggregates),
+figures/<name>.png|svg.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import time
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from analysis.aggregate import cell_axes, cell_summary, isolate, paper_table
+from analysis.collect import Progress, StudyTables, collect
+from analysis.figures import (
+    choose_trials,
+    curve_data,
+    heatmap_data,
+    plot_curves,
+    plot_heatmaps,
+    plot_traces,
+    report_pairs,
+    save,
+)
+
+ARTIFACT_PATH = "analysis"  # where the report's files go in the parent run's artifacts
+MAX_TRIAL_ROWS = 500  # trials listed in the HTML; every trial is in tables/trials.parquet
+
+CSS = """
+body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1150px; }
+h1 { font-size: 22px; } h2 { font-size: 18px; border-bottom: 1px solid #ccc; padding-top: 12px; }
+table { border-collapse: collapse; font-size: 12px; margin: 8px 0; }
+th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
+th { background: #eef2f7; }
+.warn { background: #fff3cd; border: 1px solid #e0c060; padding: 8px; }
+.meta td { text-align: left; }
+img { max-width: 100%; border: 1px solid #ddd; margin: 6px 0; }
+"""
+
+
+def build_report(
+    study: str,
+    tracking_uri: str,
+    out_dir: Path,
+    *,
+    progress: Progress | None = None,
+    log_to_mlflow: bool = True,
+) -> Path:
+    """Collect `study` from MLflow, write its Parquet tables, aggregates, figures and report.html under
+    `out_dir`, log them all to the study's parent run (artifact path `analysis/`), return the HTML path."""
+    say = progress or (lambda message: None)
+    started = time.perf_counter()
+    tables = collect(tracking_uri, study=study, progress=say)
+    say(f"collected in {time.perf_counter() - started:.1f} s")
+    path = write_report(tables, Path(out_dir), progress=say)
+    if log_to_mlflow:
+        log_report(tables, tracking_uri, Path(out_dir), progress=say)
+    return path
+
+
+def log_report(
+    tables: StudyTables, tracking_uri: str, out_dir: Path, *, progress: Progress | None = None
+) -> None:
+    """Log every file under out_dir to the study's parent run, under `analysis/`."""
+    MlflowClient(tracking_uri).log_artifacts(tables.meta["parent_run_id"], str(out_dir), ARTIFACT_PATH)
+    if progress:
+        progress(f"logged {out_dir} to parent run {tables.meta['parent_run_id']} under {ARTIFACT_PATH}/")
+
+
+def write_report(tables: StudyTables, out_dir: Path, *, progress: Progress | None = None) -> Path:
+    """Write the tables, figures and report.html of `tables` under `out_dir`; return the HTML path."""
+    say = progress or (lambda message: None)
+    out_dir = Path(out_dir)
+    tables.write_parquet(out_dir / "tables")
+    metric = tables.meta["metric"]
+    sections: list[str] = []
+
+    summary = cell_summary(tables)
+    summary.to_csv(out_dir / "tables" / "cells.csv", index=False)
+    sections.append(
+        _section("Cells (median over non-diverged seeds, bootstrap 95% CI of the median)", _table(summary))
+    )
+    nuisance = [a for a in cell_axes(tables) if a != "variant"]
+    if "variant" in cell_axes(tables) and nuisance:
+        isolation = isolate(summary, "variant", keep=())
+        isolation.to_csv(out_dir / "tables" / "isolation_variant.csv", index=False)
+        sections.append(
+            _section(f"Isolation of variant: its best cell over {', '.join(nuisance)}", _table(isolation))
+        )
+    paper = paper_table(tables)
+    paper.to_csv(out_dir / "tables" / "paper_table.csv")
+    sections.append(
+        _section(f"Final {metric}: mean ± std per variant (paper-style)", _table(paper, index=True))
+    )
+    say("aggregates written")
+
+    figures = out_dir / "figures"
+    for x, y in report_pairs(tables):
+        data = heatmap_data(tables, x, y)
+        paths = save(plot_heatmaps(data, metric), figures, f"heatmap_{y}_x_{x}")
+        sections.append(_section(f"Stability heatmap: {y} × {x}", _image(paths["png"])))
+    curves = curve_data(tables, by="variant")
+    if len(curves):
+        paths = save(plot_curves(curves, metric=metric), figures, "curves_variant")
+        sections.append(_section(f"{metric} over iterations", _image(paths["png"])))
+    run_ids = choose_trials(tables)
+    if run_ids and len(tables.diagnostics):
+        paths = save(plot_traces(tables, run_ids), figures, "traces")
+        sections.append(_section("σ and gradient-norm traces of chosen trials", _image(paths["png"])))
+    say("figures written")
+
+    if len(tables.events):
+        counts = tables.events.groupby(["cause", "action"]).size().rename("events").reset_index()
+        sections.append(_section("Divergence events", _table(counts)))
+    shown = tables.trials[
+        [
+            "trial_id",
+            "cell",
+            *(["seed"] if "seed" in tables.trials else []),
+            "status",
+            "divergence_cause",
+            "divergence_step",
+            "final_metric",
+            "best_metric",
+            "last_iteration",
+            "wall_time_s",
+        ]
+    ]
+    note = f" (first {MAX_TRIAL_ROWS} of {len(shown)})" if len(shown) > MAX_TRIAL_ROWS else ""
+    sections.append(_section(f"Trials{note}", _table(shown.head(MAX_TRIAL_ROWS))))
+
+    path = out_dir / "report.html"
+    path.write_text(_page(tables, sections), encoding="utf-8")
+    say(f"report written: {path}")
+    return path
+
+
+def _page(tables: StudyTables, sections: list[str]) -> str:
+    meta, trials = tables.meta, tables.trials
+    counts = trials["status"].value_counts().to_dict()
+    warnings = []
+    if meta["study_status"] != "finished":
+        warnings.append(f"The study is {meta['study_status']}: results are partial.")
+    for status in ("running", "failed"):
+        if counts.get(status):
+            warnings.append(
+                f"{counts[status]} trial(s) {status}: left out of the metric statistics and the "
+                f"divergence rates."
+            )
+    rows = {
+        "study": meta["study"],
+        "status": meta["study_status"],
+        "parent run": meta["parent_run_id"],
+        "tracking URI": meta["tracking_uri"],
+        "swept axes": meta["axes"],
+        "metric": meta["metric"],
+        "trials": ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+        "collected at": meta["collected_at"],
+    }
+    head = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows.items()
+    )
+    warn = "".join(f'<p class="warn">{html.escape(w)}</p>' for w in warnings)
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Study {html.escape(meta['study'])}"
+        f"</title><style>{CSS}</style></head><body><h1>GAN stability study: {html.escape(meta['study'])}"
+        f"</h1>{warn}<table class='meta'>{head}</table>{''.join(sections)}</body></html>"
+    )
+
+
+def _section(title: str, body: str) -> str:
+    return f"<h2>{html.escape(title)}</h2>{body}"
+
+
+def _table(frame: pd.DataFrame, index: bool = False) -> str:
+    return frame.to_html(index=index, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0, escape=True)
+
+
+def _image(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'

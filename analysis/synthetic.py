@@ -1,0 +1,252 @@
+"""Synthetic studies written into MLflow exactly as study/ writes real ones: for tests, benchmark and demos.
+
+Every value is chosen by the caller, so aggregates over a synthetic study are known in advance. The layout is
+the contract between study/ and analysis/: one parent run (tags role=study, study, preset, git_commit, axes,
+status, version.*; params: the flattened spec) and one child run per trial (tags mlflow.parentRunId,
+role=trial, study, trial_id, cell, status, diverged, divergence_cause, divergence_step; params: the flattened
+TrialConfig; metrics under their report keys with step = iteration; artifact events.json).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from trainables.config import TrialConfig
+
+BATCH_ENTRIES = 1000  # MLflow's log_batch limits per request: 1000 entries, of which at most 100 params
+BATCH_PARAMS = 100
+
+
+@dataclass
+class SyntheticTrial:
+    """One trial's results. Iterations are generator iterations; values are in the metric's units."""
+
+    axes: dict[str, Any]  # swept TrialConfig fields of this trial, seed included: {"g_lr": 2e-4, "seed": 0}
+    evals: Sequence[tuple[int, float]]  # (iteration, primary metric) at each evaluation, in order
+    status: str = "finished"  # finished, diverged, failed or running
+    divergence_cause: str = ""
+    divergence_step: int = -1
+    events: Sequence[dict[str, Any]] = ()  # content of events.json: {"cause", "iteration", "values", ...}
+    extra_evals: dict[str, Sequence[tuple[int, float]]] = field(default_factory=dict)  # e.g. "is", "kid"
+    diagnostics: dict[str, Sequence[tuple[int, float]]] = field(default_factory=dict)  # "sigma/blocks.0": ...
+    start_ms: int = 1_700_000_000_000  # run start, ms since the epoch
+    wall_time_s: float = 60.0
+    config: dict[str, Any] = field(default_factory=dict)  # other TrialConfig fields (dataset, metrics, ...)
+
+
+def flatten_config(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested config dict as MLflow params the way study/ logs them: dotted keys, strings kept, every other
+    value as JSON (`true`, `null`, `["fid"]`, `0.0002`)."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value, default=str)
+    return flat
+
+
+def cell_key(axes: dict[str, Any]) -> str:
+    """The stable key of a trial's axes except the seed, as the `cell` tag: `g_lr=0.0002,variant=sn`."""
+    return ",".join(f"{name}={axes[name]}" for name in sorted(axes) if name != "seed")
+
+
+def write_study(
+    client: MlflowClient,
+    study: str,
+    trials: Iterable[SyntheticTrial],
+    *,
+    axes: Sequence[str],
+    parent_status: str = "finished",
+    experiment: str | None = None,
+    workers: int = 4,
+) -> str:
+    """Write a study (parent run + one child run per trial) and return the parent run id.
+
+    `axes` is the parent's `axes` tag (swept names, seed included). `workers` threads write trials at once.
+    """
+    name = experiment or study
+    found = client.get_experiment_by_name(name)
+    experiment_id = found.experiment_id if found else client.create_experiment(name)
+    parent = client.create_run(
+        experiment_id,
+        run_name=study,
+        tags={
+            "role": "study",
+            "study": study,
+            "preset": "",
+            "git_commit": "synthetic",
+            "axes": ",".join(axes),
+            "status": parent_status,
+            "version.gan-stability": "0.1.0",
+        },
+    )
+    parent_id = parent.info.run_id
+    client.log_batch(parent_id, params=[Param("axes", ",".join(axes)), Param("name", study)])
+    trials = list(trials)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(
+            pool.map(
+                lambda it: _write_trial(client, experiment_id, parent_id, study, it[0], it[1]),
+                enumerate(trials),
+            )
+        )
+    if parent_status != "running":
+        client.set_terminated(parent_id, status="FAILED" if parent_status == "failed" else "FINISHED")
+    return parent_id
+
+
+def _write_trial(
+    client: MlflowClient, experiment_id: str, parent_id: str, study: str, index: int, trial: SyntheticTrial
+) -> str:
+    config = TrialConfig(**{**trial.config, **trial.axes})
+    diverged = trial.status == "diverged"
+    tags = {
+        "mlflow.parentRunId": parent_id,
+        "role": "trial",
+        "study": study,
+        "trial_id": f"trial_{index:05d}",
+        "cell": cell_key(trial.axes),
+        "status": trial.status,
+        "diverged": "1" if diverged else "0",
+        "divergence_cause": trial.divergence_cause,
+        "divergence_step": str(trial.divergence_step),
+    }
+    run = client.create_run(
+        experiment_id, start_time=trial.start_ms, tags=tags, run_name=f"trial_{index:05d}"
+    )
+    run_id = run.info.run_id
+    params = [Param(k, v) for k, v in flatten_config(config.model_dump()).items()]
+
+    ts = trial.start_ms
+    penalty = config.divergence.diverged_objective
+    metrics: list[Metric] = []
+    for iteration, value in trial.evals:
+        after = diverged and iteration >= trial.divergence_step
+        metrics += [
+            Metric(config.primary_metric, value, ts, iteration),
+            Metric("objective", penalty if after else value, ts, iteration),
+            Metric("iteration", iteration, ts, iteration),
+            Metric("diverged", 1.0 if after else 0.0, ts, iteration),
+        ]
+    for key, points in {**trial.extra_evals, **trial.diagnostics}.items():
+        metrics += [Metric(key, value, ts, iteration) for iteration, value in points]
+    if trial.status in ("finished", "diverged"):
+        last = trial.divergence_step if diverged else (trial.evals[-1][0] if trial.evals else 0)
+        if diverged:  # the final report of a stopped trial carries the penalty as its objective
+            metrics += [
+                Metric("objective", penalty, ts, last),
+                Metric("diverged", 1.0, ts, last),
+                Metric("iteration", last, ts, last),
+            ]
+        metrics += [
+            Metric("done", 1.0, ts, last),
+            Metric("events", float(len(trial.events)), ts, last),
+            Metric("divergence_step", float(trial.divergence_step), ts, last),
+        ]
+    # Few requests: params ride along with the first metrics (MLflow takes 1000 entries, 100 params a batch).
+    for start in range(0, len(params), BATCH_PARAMS):
+        chunk = params[start : start + BATCH_PARAMS]
+        head, metrics = metrics[: BATCH_ENTRIES - len(chunk)], metrics[BATCH_ENTRIES - len(chunk) :]
+        client.log_batch(run_id, params=chunk, metrics=head)
+    for start in range(0, len(metrics), BATCH_ENTRIES):
+        client.log_batch(run_id, metrics=metrics[start : start + BATCH_ENTRIES])
+    if trial.events:
+        client.log_text(run_id, json.dumps(list(trial.events)), "events.json")
+    if trial.status != "running":
+        client.set_terminated(
+            run_id,
+            status="FAILED" if trial.status == "failed" else "FINISHED",
+            end_time=trial.start_ms + int(trial.wall_time_s * 1000),
+        )
+    return run_id
+
+
+def reference_trials() -> list[SyntheticTrial]:
+    """A 40-trial study over g_lr x beta1 x variant x seed (5 seeds) with hand-computed aggregates.
+
+    Primary metric fd_digits, evaluated at iterations 500 (final + 10) and 1000 (final). Cells at beta1 = 0.5:
+
+    | g_lr | variant | seeds                                              | median | rate | CI of median |
+    | 1e-4 | sn      | finals 10, 12, 14, 16, 18                          | 14     | 0/5  | [10, 18]     |
+    | 1e-4 | bsn     | 3 diverge (grad_explosion at 500, 700, 900); 20, 22 | 21     | 3/5  | [20, 22]     |
+    | 2e-4 | sn      | all 5 diverge (nonfinite_loss at 100 ... 500)      | NaN    | 5/5  | NaN          |
+    | 2e-4 | bsn     | finals 5, 6, 7; seed 3 running; seed 4 failed      | 6      | 0/3  | [5, 7]       |
+
+    At beta1 = 0.0 every seed finishes with finals base + (0, 1, 2, 3, 4): base 30 (1e-4, sn), 40 (2e-4, sn),
+    50 (1e-4, bsn), 60 (2e-4, bsn). Diverged trials evaluate once at iteration 250 (value 40) and carry one
+    events.json event; the 1e-4/sn/0.5 trials log sigma and gradient-norm diagnostics every 50 iterations.
+    """
+    trials = []
+
+    def add(g_lr: float, beta1: float, variant: str, seed: int, final: float | None, **kwargs: Any) -> None:
+        evals = [(500, final + 10), (1000, final)] if final is not None else [(250, 40.0)]
+        trials.append(
+            SyntheticTrial(
+                axes={"g_lr": g_lr, "beta1": beta1, "variant": variant, "seed": seed},
+                evals=evals,
+                start_ms=1_700_000_000_000 + 1000 * len(trials),
+                **kwargs,
+            )
+        )
+
+    def diverge(cause: str, step: int) -> dict[str, Any]:
+        event = {
+            "cause": cause,
+            "iteration": step,
+            "values": {"grad_norm/D": 1e5},
+            "thresholds": {"grad_explosion": 1e4},
+            "action": "stop",
+        }
+        return {"status": "diverged", "divergence_cause": cause, "divergence_step": step, "events": [event]}
+
+    steps = range(0, 1001, 50)
+    diagnostics = {
+        "sigma/blocks.0": [(i, 1.0 + i / 1000) for i in steps],
+        "grad_norm/D/blocks.0": [(i, 0.1 + i / 10_000) for i in steps],
+        "grad_norm/D": [(i, 0.5) for i in steps],
+        "grad_norm/G": [(i, 0.7) for i in steps],
+        "grad_x_real/mean": [(i, 0.3) for i in steps],
+    }
+    for seed, final in enumerate((10, 12, 14, 16, 18)):
+        add(
+            1e-4,
+            0.5,
+            "sn",
+            seed,
+            final,
+            diagnostics=diagnostics,
+            extra_evals={"is": [(500, 2.0), (1000, 3.0 + seed)], "kid": [(500, 0.05), (1000, 0.01)]},
+        )
+    for seed, step in enumerate((500, 700, 900)):
+        add(1e-4, 0.5, "bsn", seed, None, **diverge("grad_explosion", step))
+    add(1e-4, 0.5, "bsn", 3, 20)
+    add(1e-4, 0.5, "bsn", 4, 22)
+    for seed in range(5):
+        add(2e-4, 0.5, "sn", seed, None, **diverge("nonfinite_loss", 100 * (seed + 1)))
+    for seed, final in enumerate((5, 6, 7)):
+        add(2e-4, 0.5, "bsn", seed, final)
+    trials.append(
+        SyntheticTrial(
+            axes={"g_lr": 2e-4, "beta1": 0.5, "variant": "bsn", "seed": 3},
+            evals=[(500, 9.0)],
+            status="running",
+        )
+    )
+    add(2e-4, 0.5, "bsn", 4, 8, status="failed")
+    for (g_lr, variant), base in {
+        (1e-4, "sn"): 30,
+        (2e-4, "sn"): 40,
+        (1e-4, "bsn"): 50,
+        (2e-4, "bsn"): 60,
+    }.items():
+        for seed in range(5):
+            add(g_lr, 0.0, variant, seed, base + seed)
+    return trials

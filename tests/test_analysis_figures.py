@@ -1,0 +1,150 @@
+"""Stability heatmaps, curves and traces (analysis.figures): what is drawn is checked against its data."""
+
+from __future__ import annotations
+
+import uuid
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from matplotlib.colors import to_rgba
+from matplotlib.patches import Rectangle
+from mlflow.tracking import MlflowClient
+
+from analysis.aggregate import AxisError
+from analysis.collect import collect
+from analysis.figures import (
+    ALL_DIVERGED_COLOR,
+    CMAP,
+    cell_label,
+    choose_trials,
+    curve_data,
+    heatmap_data,
+    plot_curves,
+    plot_heatmaps,
+    plot_traces,
+    report_pairs,
+    save,
+    trace_data,
+)
+from analysis.synthetic import reference_trials, write_study
+
+
+@pytest.fixture(scope="module")
+def tables(mlflow_server):
+    name = f"figures-{uuid.uuid4().hex[:8]}"
+    write_study(
+        MlflowClient(mlflow_server), name, reference_trials(), axes=["g_lr", "beta1", "variant", "seed"]
+    )
+    return collect(mlflow_server, study=name)
+
+
+@pytest.fixture(scope="module")
+def heatmap(tables):
+    data = heatmap_data(tables, "g_lr", "beta1")
+    fig = plot_heatmaps(data, "fd_digits")
+    fig.canvas.draw()
+    yield data, fig
+    plt.close(fig)
+
+
+def texts_by_cell(ax) -> dict[tuple[int, int], str]:
+    """Annotation texts keyed by (row, column) of the cell they sit in."""
+    return {(int(t.get_position()[1]), int(t.get_position()[0])): t.get_text() for t in ax.texts}
+
+
+def test_heatmap_pivot_holds_the_cell_medians_and_divergence_counts(heatmap):
+    data, _ = heatmap
+    assert data.panel == "variant" and list(data.median) == ["bsn", "sn"]
+    sn = data.median["sn"]
+    assert sn.index.tolist() == [0.0, 0.5] and sn.columns.tolist() == [1e-4, 2e-4]
+    assert sn.loc[0.5, 1e-4] == 14.0 and np.isnan(sn.loc[0.5, 2e-4]) and sn.loc[0.0, 2e-4] == 42.0
+    assert data.labels["bsn"].loc[0.5, 1e-4] == "21\n3/5 diverged"
+    assert data.labels["sn"].loc[0.5, 2e-4] == "all diverged\n5/5 diverged"
+    assert data.labels["bsn"].loc[0.5, 2e-4] == "6\n0/3 diverged"  # running and failed seeds left out
+    assert (data.vmin, data.vmax) == (6.0, 62.0)  # shared by both panels
+
+
+def test_every_drawn_annotation_is_the_label_of_its_cell(heatmap):
+    data, fig = heatmap
+    panels = [ax for ax in fig.axes if ax.get_title().startswith("variant = ")]
+    assert [ax.get_title() for ax in panels] == ["variant = bsn", "variant = sn"]
+    for ax, name in zip(panels, ["bsn", "sn"], strict=True):
+        expected = {(i, j): label for (i, j), label in np.ndenumerate(data.labels[name].to_numpy())}
+        assert texts_by_cell(ax) == expected
+
+
+def test_drawn_cell_colours_follow_one_shared_scale_of_the_medians(heatmap):
+    data, fig = heatmap
+    panels = [ax for ax in fig.axes if ax.get_title().startswith("variant = ")]
+    cmap = plt.get_cmap(CMAP)
+    for ax, name in zip(panels, ["bsn", "sn"], strict=True):
+        mesh = ax.collections[0]
+        assert (mesh.norm.vmin, mesh.norm.vmax) == (6.0, 62.0)
+        medians = data.median[name].to_numpy().ravel()
+        shown = ~np.isnan(medians)
+        assert (~np.ma.getmaskarray(mesh.get_array()).ravel() == shown).all()  # NaN cells are not painted
+        assert np.allclose(mesh.get_facecolors()[shown], cmap((medians[shown] - 6.0) / 56.0), atol=1e-6)
+    colorbars = [ax for ax in fig.axes if not ax.get_title().startswith("variant = ")]
+    assert len(colorbars) == 1
+
+
+def test_cells_where_every_seed_diverged_are_hatched_grey(heatmap):
+    _, fig = heatmap
+    sn = next(ax for ax in fig.axes if ax.get_title() == "variant = sn")
+    bsn = next(ax for ax in fig.axes if ax.get_title() == "variant = bsn")
+    marked = [p for p in sn.patches if isinstance(p, Rectangle) and p.get_hatch()]
+    assert [(p.get_x(), p.get_y()) for p in marked] == [(1.0, 1.0)]  # column g_lr=2e-4, row beta1=0.5
+    assert marked[0].get_facecolor() == to_rgba(ALL_DIVERGED_COLOR)
+    assert not [p for p in bsn.patches if p.get_hatch()]
+
+
+def test_heatmap_with_variant_as_an_axis_has_one_panel():
+    assert cell_label(14.0, 0, 5) == "14\n0/5 diverged"
+    assert cell_label(float("nan"), 0, 0, n_running=2) == "2 running"
+
+
+def test_heatmap_of_an_axis_the_study_did_not_sweep_is_an_error(tables):
+    with pytest.raises(AxisError, match="axis 'n_dis' was not swept"):
+        heatmap_data(tables, "g_lr", "n_dis")
+    with pytest.raises(ValueError, match="two different axes"):
+        heatmap_data(tables, "g_lr", "g_lr")
+    single = heatmap_data(tables, "g_lr", "variant")
+    assert single.panel is None and list(single.median) == ["all"]
+
+
+def test_report_draws_the_swept_pairs_and_miyato_settings(tables):
+    # g_lr = d_lr = 2e-4, beta1 0.5, beta2 0.999, n_dis 1 is Miyato et al.'s setting C
+    assert report_pairs(tables) == [("g_lr", "beta1"), ("setting", "variant")]
+    setting_c = tables.trials[tables.trials["setting"] == "C"]
+    assert len(setting_c) == 10 and set(setting_c["g_lr"]) == {2e-4} and set(setting_c["beta1"]) == {0.5}
+    data = heatmap_data(tables, "setting", "variant")
+    assert data.median["all"].columns.tolist() == ["C"]  # trials outside A-F are left out
+
+
+def test_curves_show_the_best_cell_per_variant_with_a_min_max_seed_band(tables):
+    curves = curve_data(tables).set_index(["variant", "iteration"])
+    # sn's best cell: g_lr 1e-4, beta1 0.5, finals 10..18 and 20..28 at iteration 500
+    assert curves.loc[("sn", 1000), ["median", "low", "high", "n_seeds"]].tolist() == [14.0, 10.0, 18.0, 5]
+    assert curves.loc[("sn", 500), ["median", "low", "high"]].tolist() == [24.0, 20.0, 28.0]
+    assert curves.loc[("bsn", 1000), ["median", "low", "high", "n_seeds"]].tolist() == [6.0, 5.0, 7.0, 3]
+    fig = plot_curves(curve_data(tables), metric="fd_digits")
+    lines = {line.get_label().split(" ")[0]: line for line in fig.axes[0].lines}
+    assert lines["sn"].get_ydata().tolist() == [24.0, 14.0]
+    plt.close(fig)
+
+
+def test_traces_draw_the_diagnostics_of_the_chosen_trials(tables, tmp_path):
+    chosen = choose_trials(tables)
+    trials = tables.trials.set_index("run_id")
+    assert trials.loc[chosen[0], "divergence_step"] == 100  # the earliest divergence comes first
+    with_diag = tables.diagnostics["run_id"].unique()[:1].tolist()
+    fig = plot_traces(tables, with_diag)
+    sigma = {line.get_label(): line for line in fig.axes[0].lines}
+    expected = trace_data(tables, with_diag, ["sigma"])
+    assert np.allclose(sigma["blocks.0"].get_ydata(), expected["value"])
+    grad = {line.get_label() for line in fig.axes[1].lines}
+    assert grad == {"total", "blocks.0"}  # D's layers and total; G is left out
+    paths = save(fig, tmp_path, "traces")
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in paths["svg"].read_bytes()[:500]
