@@ -1,0 +1,255 @@
+"""FID, IS and KID through torch-fidelity's TF-compatible InceptionV3 (`inception-v3-compat`).
+
+torch-fidelity does the work: its feature extractor (uint8 input, its own TF-exact resize to 299 px), its
+feature loops over a Dataset (the real images) and a GenerativeModelBase (the generator), and its metric
+functions. This module adds what a training loop needs around them: the weights found (or downloaded) up
+front with a clear error when they cannot be, and real-image statistics that come from our own cache
+(reference.py) rather than torch-fidelity's pickled one. Steps: images -> features -> statistics -> metric.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.hub
+from torch_fidelity.defaults import DEFAULTS
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.generative_model_base import GenerativeModelBase
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
+from torch_fidelity.utils import (
+    create_feature_extractor,
+    get_featuresdict_from_dataset,
+    get_featuresdict_from_generative_model,
+)
+
+from trainables.metrics.reference import ReferenceStatistics
+
+EXTRACTOR = "inception-v3-compat"
+FEATURE_LAYER = {"fid": "2048", "kid": "2048", "is": "logits_unbiased"}  # torch-fidelity's defaults
+INCEPTION_URL = URL_INCEPTION_V3
+INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]  # weights-inception-2015-12-05-6726825d.pth
+INCEPTION_SHA256_PREFIX = INCEPTION_FILE.rsplit("-", 1)[1].removesuffix(".pth")  # as torch.hub names files
+BATCH_SIZE = 64  # images per Inception forward (torch-fidelity's default)
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torch-fidelity's defaults; the size shrinks to fit small sets
+IS_SPLITS = 10
+CONNECT_TIMEOUT_S = 10.0  # how long a missing-weights download may take to reach the server before we give up
+
+
+class InceptionWeightsMissingError(FileNotFoundError):
+    """The InceptionV3 weights for FID/IS/KID are neither on disk nor downloadable."""
+
+
+def hub_weights_path() -> Path:
+    """Where torch.hub (and so torch-fidelity) keeps the weights: $TORCH_HOME/hub/checkpoints/<file>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def _missing_message(expected: Path, reason: str, url: str) -> str:
+    return (
+        f"FID/IS/KID need torch-fidelity's InceptionV3 weights, expected at {expected} ({reason}). "
+        f"Download {url} (sha256 starts with {INCEPTION_SHA256_PREFIX}) on a machine with internet, then "
+        f"either copy it to {hub_weights_path()} (the torch hub cache; set TORCH_HOME to move it) or set the "
+        f"trial config field `inception_weights` to its path. Without the weights, use the offline surrogate "
+        f"`fd_digits` (metrics: [fd_digits]) instead."
+    )
+
+
+def _server_unreachable(url: str, timeout_s: float) -> str | None:
+    """None when `url` answers within timeout_s, else why not; in a thread, because DNS ignores timeouts."""
+    outcome: list[str | None] = [f"no answer within {timeout_s:g} s"]
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s):
+                outcome[0] = None
+        except (urllib.error.URLError, OSError) as exc:
+            outcome[0] = f"download failed: {exc}"
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return outcome[0]
+
+
+def resolve_inception_weights(
+    inception_weights: str | Path | None,
+    *,
+    url: str = INCEPTION_URL,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+) -> Path:
+    """The InceptionV3 weights file, or InceptionWeightsMissingError within about connect_timeout_s.
+
+    A configured path must exist (nothing is downloaded for it). Without one, the torch hub cache is used,
+    and the file is downloaded there (hash-checked) when missing and the server answers in time.
+    """
+    if inception_weights is not None:
+        path = Path(inception_weights).expanduser()
+        if path.is_file():
+            return path
+        raise InceptionWeightsMissingError(
+            _missing_message(path, "the file set by `inception_weights` does not exist", url)
+        )
+    path = hub_weights_path()
+    if path.is_file():
+        return path
+    reason = _server_unreachable(url, connect_timeout_s)
+    if reason is None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(
+                url, str(path), hash_prefix=INCEPTION_SHA256_PREFIX, progress=False
+            )
+            return path
+        except (OSError, RuntimeError) as exc:  # RuntimeError: the hash did not match
+            reason = f"download failed: {exc}"
+    raise InceptionWeightsMissingError(_missing_message(path, f"not in the torch hub cache; {reason}", url))
+
+
+def build_extractor(
+    weights: Path, names: tuple[str, ...], device: torch.device
+) -> FeatureExtractorInceptionV3:
+    """torch-fidelity's InceptionV3 with the layers the metric names need, loaded from `weights`."""
+    layers = sorted({FEATURE_LAYER[name] for name in names if name in FEATURE_LAYER})
+    try:
+        with _on(device):
+            return create_feature_extractor(
+                EXTRACTOR,
+                layers,
+                cuda=device.type == "cuda",
+                feature_extractor_weights_path=str(weights),
+                verbose=False,
+            )
+    except (
+        RuntimeError,
+        TypeError,
+        OSError,
+        pickle.UnpicklingError,
+    ) as exc:  # wrong keys/shapes, not a torch file
+        raise ValueError(
+            f"inception_weights: {weights} does not load as torch-fidelity's InceptionV3 state_dict "
+            f"(expected {INCEPTION_FILE} from {INCEPTION_URL}): {exc}"
+        ) from exc
+
+
+class _ImageTensorDataset(torch.utils.data.Dataset):
+    """A uint8 (N, 3, R, R) tensor as the Dataset of (3, R, R) tensors torch-fidelity iterates over."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+class CallableGenerator(GenerativeModelBase):
+    """`generate(b) -> (b, 3, R, R) uint8` as torch-fidelity's generative model.
+
+    The callable draws its own latents (the training loop owns their seed), so torch-fidelity's noise batch
+    only sets how many images to make.
+    """
+
+    def __init__(self, generate: Callable[[int], torch.Tensor], device: torch.device):
+        super().__init__()
+        self.generate, self.device = generate, device
+
+    @property
+    def z_size(self) -> int:
+        return 1
+
+    @property
+    def z_type(self) -> str:
+        return "normal"
+
+    @property
+    def num_classes(self) -> int:
+        return 0
+
+    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+        return self.generate(noise.shape[0]).to(self.device)
+
+
+def real_features(
+    extractor: FeatureExtractorInceptionV3, images: torch.Tensor, device: torch.device
+) -> np.ndarray:
+    """Pool features (N, 2048) float32 of real uint8 images (N, 3, R, R)."""
+    with _on(device):
+        featuresdict = get_featuresdict_from_dataset(
+            _ImageTensorDataset(images),
+            extractor,
+            BATCH_SIZE,
+            device.type == "cuda",
+            save_cpu_ram=True,
+            verbose=False,  # save_cpu_ram: no DataLoader worker processes
+        )
+    return featuresdict[FEATURE_LAYER["fid"]].numpy()
+
+
+def reference_statistics(features: np.ndarray) -> ReferenceStatistics:
+    """FID's statistics exactly as torch-fidelity computes them (float32 mean, float64 covariance)."""
+    stats = fid_features_to_statistics(torch.from_numpy(features))
+    return ReferenceStatistics(mu=stats["mu"], sigma=stats["sigma"], features=features)
+
+
+def generated_features(
+    extractor: FeatureExtractorInceptionV3,
+    generator: CallableGenerator,
+    n_generated: int,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """torch-fidelity's features of n_generated images: {'2048': (n, 2048), 'logits_unbiased': (n, 1008)}."""
+    with _on(device):
+        return get_featuresdict_from_generative_model(
+            generator,
+            extractor,
+            n_generated,
+            BATCH_SIZE,
+            device.type == "cuda",
+            DEFAULTS["rng_seed"],
+            verbose=False,
+        )
+
+
+def metrics_from_features(
+    names: tuple[str, ...], generated: dict[str, torch.Tensor], reference: ReferenceStatistics | None
+) -> dict[str, float]:
+    """FID, IS (mean over splits) and KID (mean over subsets) by torch-fidelity, for the names asked."""
+    out: dict[str, float] = {}
+    if "fid" in names:
+        stats = fid_features_to_statistics(generated[FEATURE_LAYER["fid"]])
+        reference_stats = {"mu": reference.mu, "sigma": reference.sigma}
+        out["fid"] = fid_statistics_to_metric(stats, reference_stats, verbose=False)[KEY_METRIC_FID]
+    if "is" in names:
+        logits = generated[FEATURE_LAYER["is"]]
+        out["is"] = isc_features_to_metric(logits, splits=inception_score_splits(logits.shape[0]))[
+            KEY_METRIC_ISC_MEAN
+        ]
+    if "kid" in names:
+        fake, real = generated[FEATURE_LAYER["kid"]], torch.from_numpy(reference.features)
+        subset_size = min(KID_SUBSET_SIZE, fake.shape[0], real.shape[0])
+        out["kid"] = kid_features_to_metric(
+            fake, real, kid_subsets=KID_SUBSETS, kid_subset_size=subset_size, verbose=False
+        )[KEY_METRIC_KID_MEAN]
+    return out
+
+
+def inception_score_splits(n: int) -> int:
+    """10 splits (the standard); fewer for tiny sets, since a one-image split always scores exactly 1."""
+    return min(IS_SPLITS, max(1, n // 2))
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """torch-fidelity moves work with `.cuda()`, i.e. to the current CUDA device: make that `device`."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
