@@ -104,7 +104,8 @@ class TrialConfig(StrictModel):
     metrics: tuple[Literal[METRICS], ...] = ()  # empty: fd_digits for digits, else fid, is, kid
     eval_generated: int = Field(10_000, ge=2)  # the paper: 10k generated vs 5k real at each evaluation
     eval_real: int = Field(5_000, ge=2)
-    inception_weights: str | None = None  # path to pt_inception-2015-12-05 weights; None: torch hub cache
+    # torch-fidelity's weights-inception-2015-12-05-6726825d.pth; None: the torch hub cache
+    inception_weights: str | None = None
     cache_dir: str = "~/.cache/gan-stability"  # reference statistics and the digits feature extractor
 
     divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,7 @@ from torch.nn.utils import parametrize
 
 from trainables.config import SCALED_VARIANTS, VARIANTS
 
-__all__ = ["VARIANTS", "normalize", "spectral_report"]
+__all__ = ["VARIANTS", "frozen_parametrizations", "normalize", "spectral_report"]
 
 LAYER_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 CONV_TYPES = (nn.Conv2d, nn.ConvTranspose2d)
@@ -220,6 +221,7 @@ class SpectralNormalization(nn.Module):
         self.n_power_iterations = n_power_iterations
         self.grad_through_power_iteration = grad_through_power_iteration
         self.input_shape = input_shape  # (B, C, H, W) seen on example_input, for spectral_report's sigma_conv
+        self.conv_probe: torch.Tensor | None = None  # sigma_conv's last vector: a warm start, not state
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         sigmas = [estimator(weight, self.n_power_iterations, self.grad_through_power_iteration)
@@ -380,6 +382,8 @@ def _exact_sigma(weight: torch.Tensor, row_dim: int) -> torch.Tensor:
     """σ of the reshape as √λ_max of its smaller Gram matrix: ~10x faster than an SVD, ~1e-6 relative."""
     matrix = _as_matrix(weight, row_dim).float()
     gram = matrix @ matrix.mT if matrix.shape[0] <= matrix.shape[1] else matrix.mT @ matrix
+    if not torch.isfinite(gram).all():  # a diverged weight: report NaN rather than fail the eigensolver
+        return torch.tensor(float("nan"))
     return torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt()
 
 
@@ -430,8 +434,11 @@ def spectral_report(module: nn.Module, *, conv_operator: bool = False) -> dict[s
 
 
 def _conv_operator_sigma(layer: nn.Module, name: str, spectral: SpectralNormalization, weight: torch.Tensor,
-                         rtol: float = 1e-6, max_steps: int = 2000, check_every: int = 10) -> torch.Tensor:
-    """σ of the layer's conv operator at its recorded input size, by power iteration until converged."""
+                         rtol: float = 1e-4, max_steps: int = 2000, check_every: int = 10) -> torch.Tensor:
+    """σ of the layer's conv operator at its recorded input size, by power iteration until converged.
+
+    Each call starts from the previous call's vector (kept outside the state_dict, it never touches training),
+    so the evaluations of a run after the first need a few steps instead of hundreds."""
     if isinstance(layer, nn.Linear):
         return _exact_sigma(weight, 0)
     eps = next(iter(spectral.estimators.values())).eps
@@ -441,6 +448,8 @@ def _conv_operator_sigma(layer: nn.Module, name: str, spectral: SpectralNormaliz
     elif spectral.input_shape is None:
         raise ValueError(f"spectral_report(conv_operator=True): no input size recorded for layer {name!r}; "
                          "pass example_input to normalize()")
+    elif spectral.conv_probe is not None:
+        geometry, u = ConvGeometry.of(layer, spectral.input_shape, name), spectral.conv_probe
     else:
         geometry = ConvGeometry.of(layer, spectral.input_shape, name)
         # A private generator: the report must not move the training's random streams.
@@ -455,4 +464,24 @@ def _conv_operator_sigma(layer: nn.Module, name: str, spectral: SpectralNormaliz
         if abs(current - previous) <= rtol * abs(current):
             break
         previous = current
+    if strict is None:
+        spectral.conv_probe = u
     return sigma
+
+
+@contextmanager
+def frozen_parametrizations(module: nn.Module):
+    """Puts only the parametrizations of `module` (e.g. spectral norm's power iteration) in eval mode.
+
+    Other layers keep their mode: a batch-norm layer in training still normalises by batch statistics.
+    """
+    parametrizations = [p for m in module.modules() if parametrize.is_parametrized(m)
+                        for plist in m.parametrizations.values() for p in plist]
+    modes = [p.training for p in parametrizations]
+    for p in parametrizations:
+        p.train(False)
+    try:
+        yield
+    finally:
+        for p, mode in zip(parametrizations, modes, strict=True):
+            p.train(mode)
