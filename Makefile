@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(PY) bench/iteration_time.py
+	$(PY) study/run.py --study default
 
 test: install
 	$(PY) -m pytest -q

@@ -1,0 +1,231 @@
+"""Run a study: `python study/run.py [--study NAME|PATH] [--set key=value ...] [--resume] [--tracking-uri URI]
+[--storage PATH] [--dry-run]`.
+
+Validates the whole spec, the tracking URI and the storage first (exit code 2 and a message naming the
+problem; nothing is started or written). Then joins the Ray cluster it runs on (`ray submit`, $RAY_ADDRESS) or
+starts a local Ray, creates the study's MLflow parent run, and runs every trial through Ray Tune, printing
+progress.
+`--dry-run` prints the expanded trials and the resources they need, and starts nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the packages from the repository, not from study/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+from study.spec import StudyError, StudySpec, cell_key, expand_grid, load_spec, trial_config  # noqa: E402
+from study.tracking import (  # noqa: E402
+    check_storage,
+    check_tracking_uri,
+    flatten,
+    latest_parent_run,
+    resolve_storage,
+    resolve_tracking_uri,
+)
+from study.tuning import trial_count, trial_resources  # noqa: E402
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+SHOWN_FIELDS = ("g_lr", "d_lr", "beta1", "beta2", "n_dis", "variant", "scale", "iterations")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python study/run.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", default="default", metavar="NAME|PATH",
+                        help="a preset name (study/presets/) or a study YAML file (default: default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field: base.iterations=200, seeds=1, resources.gpu=0.25")
+    parser.add_argument("--resume", action="store_true",
+                        help="restore the study's latest interrupted run and finish it")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: spec, $MLFLOW_TRACKING_URI, "
+                                               "sqlite:///mlflow.db)")
+    parser.add_argument("--storage", help="Ray results: local/NFS path or s3:// (default: spec, "
+                                          "$GAN_STABILITY_STORAGE, ./runs)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the trials and resources; start nothing")
+    return parser.parse_args(argv)
+
+
+def print_plan(spec: StudySpec, preset: str, tracking_uri: str, storage: str) -> None:
+    """The expanded trials and what they need, one line each."""
+    resources = trial_resources(spec)
+    count = trial_count(spec)
+    print(f"study {spec.name} ({'preset ' + preset if preset else 'file'}): {spec.search.kind} search, "
+          f"axes {', '.join(spec.axis_names) or '(none)'}")
+    print(f"tracking {tracking_uri}; storage {storage}")
+    print(f"each trial: {resources['cpu']:g} CPU, {resources['gpu']:g} GPU; at most "
+          f"{spec.max_concurrent or 'as many as fit'} at once")
+    if spec.search.kind == "grid":
+        print(f"{count} trials ({count // len(spec.seeds)} cells x {len(spec.seeds)} seeds): "
+              f"{count * resources['cpu']:g} CPU and {count * resources['gpu']:g} GPU trial-slots in all")
+        for index, (point, seed) in enumerate(expand_grid(spec)):
+            config = trial_config(spec, point, seed)
+            fields = " ".join(f"{name}={getattr(config, name)}" for name in SHOWN_FIELDS)
+            print(f"  {index:4d}  {cell_key(point) or '(base)'}  seed={seed}  {fields}")
+    else:
+        budget = f"{spec.budget.samples} points x {len(spec.seeds)} seeds = {count} trials" if count else ""
+        if spec.budget.time_s:
+            budget += f"{'; ' if budget else ''}at most {spec.budget.time_s:g} s"
+        sampler = spec.search.sampler if spec.search.kind == "optuna" else "random"
+        print(f"{spec.search.kind} search ({sampler}), objectives {', '.join(spec.objectives)}: {budget}")
+        for name, axis in spec.axes.items():
+            shown = axis if isinstance(axis, list) else axis.model_dump(mode="json")
+            print(f"  {name}: {json.dumps(shown)}")
+
+
+def check_resume(spec: StudySpec, tracking_uri: str) -> None:
+    """--resume needs the study's parent run and its Ray experiment, with the same spec."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise StudyError(f"--resume: no tracking database {tracking_uri.removeprefix('sqlite:///')}")
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(spec.tracking.experiment or spec.name)
+    parent = latest_parent_run(client, experiment.experiment_id, spec.name) if experiment else None
+    if parent is None:
+        raise StudyError(f"--resume: no earlier run of study {spec.name!r} in {tracking_uri}")
+    path = parent.data.tags.get("ray_experiment", "")
+    if not tune.Tuner.can_restore(path):
+        raise StudyError(f"--resume: the Ray experiment {path!r} of study {spec.name!r} cannot be restored")
+    changed = sorted(key for key, value in flatten(spec.model_dump(mode="json")).items()
+                     if parent.data.params.get(key) != value)
+    if changed:
+        raise StudyError(f"--resume: the spec differs from the interrupted study's in {', '.join(changed)}")
+
+
+def init_ray() -> None:
+    """Join the cluster this runs on ($RAY_ADDRESS, or `ray start` on this machine), else start Ray here."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    try:
+        ray.init(address="auto")
+    except ConnectionError:
+        ray.init(include_dashboard=False)
+
+
+def build_analysis_report(study: str, tracking_uri: str, out_dir: Path) -> Path | None:
+    """analysis.report.build_report when the analysis package provides it."""
+    try:
+        report = importlib.import_module("analysis.report")
+    except ImportError:
+        return None
+    build = getattr(report, "build_report", None)
+    return build(study, tracking_uri, out_dir) if callable(build) else None
+
+
+def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str, resume: bool) -> int:
+    """Run (or resume) the study under its MLflow parent run; 0 when every trial ended (diverged or not)."""
+    from mlflow.tracking import MlflowClient
+
+    from study.adapter import StudyContext, run_trial
+    from study.progress import TrialStatusCallback
+    from study.tracking import create_parent_run, finish_parent_run, study_experiment
+    from study.tuning import build_tuner, restore_tuner, trainable
+
+    # Each checkpoint forces a snapshot of Tune's small experiment state; that is wanted, not a bottleneck.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    client = MlflowClient(tracking_uri)
+    experiment_id = study_experiment(client, spec)
+    if resume:
+        parent = latest_parent_run(client, experiment_id, spec.name)
+        parent_run_id, ray_path = parent.info.run_id, parent.data.tags["ray_experiment"]
+        client.update_run(parent_run_id, status="RUNNING")
+        client.set_tag(parent_run_id, "status", "running")
+    else:
+        ray_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        ray_path = f"{storage.rstrip('/')}/{ray_name}"
+        parent_run_id = create_parent_run(client, experiment_id, spec, preset, ray_path, REPOSITORY)
+    print(f"study {spec.name}: MLflow experiment {experiment_id}, parent run {parent_run_id} at "
+          f"{tracking_uri}; Ray results in {ray_path}", flush=True)
+
+    init_ray()
+    context = StudyContext(spec=spec.model_dump(mode="json"), tracking_uri=tracking_uri,
+                           experiment_id=experiment_id, parent_run_id=parent_run_id, cwd=str(Path.cwd()))
+    trainable_fn = trainable(run_trial, spec, context=context)
+    status = "failed"
+    try:
+        if resume:
+            tuner = restore_tuner(ray_path, trainable_fn)
+        else:
+            tuner = build_tuner(spec, trainable_fn, storage, ray_path.rsplit("/", 1)[1],
+                                [TrialStatusCallback(tracking_uri, experiment_id, parent_run_id,
+                                                     trial_count(spec), spec.seeds)])
+        cpu_started = time.process_time()
+        results = tuner.fit()
+        driver_cpu_s = time.process_time() - cpu_started
+        # Ray marks `done` on trials whose function returned; an interrupt (Ctrl+C) leaves the rest without.
+        ended = sum(1 for result in results if result.error is None and result.metrics.get("done"))
+        unfinished = (trial_count(spec) or len(results)) - ended - len(results.errors)
+        status = "finished" if unfinished == 0 and not results.errors else "failed"
+    finally:
+        finish_parent_run(client, parent_run_id, status)
+
+    frame = results.get_dataframe() if len(results) else None
+    print(summarize(frame, ended, len(results.errors)), flush=True)
+    if frame is not None and "mlflow_seconds" in frame:
+        print(overhead(frame, driver_cpu_s), flush=True)
+    if unfinished > 0:
+        print(f"interrupted: {unfinished} trials unfinished; continue with --resume", flush=True)
+    report = build_analysis_report(spec.name, tracking_uri, Path("reports") / spec.name)
+    if report is not None:
+        print(f"report: {report}", flush=True)
+    print(f"browse: mlflow ui --backend-store-uri {tracking_uri}", flush=True)
+    return 0 if status == "finished" else 1
+
+
+def summarize(frame: Any, ended: int, errors: int) -> str:
+    """One line: trials finished, diverged, failed; the best objective."""
+    if frame is None or "objective" not in frame:
+        return f"{ended} trials ended, {errors} failed; no objective was reported"
+    diverged = int(frame["diverged"].fillna(0).sum()) if "diverged" in frame else 0  # last results
+    best = frame.loc[frame["objective"].idxmin()]
+    return (f"{ended + errors} trials ended: {ended - diverged} finished, {diverged} diverged, "
+            f"{errors} failed; best objective {best['objective']:.4g} (trial {best['trial_id']})")
+
+
+def overhead(frame: Any, driver_cpu_s: float) -> str:
+    """The service's own cost against the trials' time: the driver's CPU and the trials' MLflow logging."""
+    trial_s = float(frame["time_total_s"].sum())
+    mlflow_s = float(frame["mlflow_seconds"].fillna(0).sum())
+    return (f"service overhead: driver CPU {driver_cpu_s:.1f} s ({100 * driver_cpu_s / trial_s:.1f}%), "
+            f"MLflow logging {mlflow_s:.1f} s ({100 * mlflow_s / trial_s:.1f}%) of {trial_s:.0f} s of trials")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cwd = Path.cwd()
+    try:
+        spec, preset = load_spec(args.study, args.overrides)
+        tracking_uri = resolve_tracking_uri(args.tracking_uri, spec, cwd)
+        storage = resolve_storage(args.storage, spec, cwd)
+        check_tracking_uri(tracking_uri)
+        check_storage(storage)
+        if args.dry_run:
+            print_plan(spec, preset, tracking_uri, storage)
+            return 0
+        if args.resume:
+            check_resume(spec, tracking_uri)
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run_study(spec, preset, tracking_uri, storage, args.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

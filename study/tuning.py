@@ -1,0 +1,131 @@
+"""A study as a Ray Tune Tuner: search space, searcher, scheduler, resources, run and failure configs.
+
+Grid: `tune.grid_search` over the expanded points times a `seed` grid axis. Random and Optuna: an Optuna
+searcher (RandomSampler, TPE or CMA-ES) wrapped so that each suggested point runs once per seed and the
+searcher learns the mean over seeds of each objective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import optuna
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.repeater import Repeater
+
+from study.spec import Bundle, Choice, LogUniform, RandInt, StudySpec, Uniform, axis_values, expand_grid
+from trainables.config import parse_config
+
+METRIC, MODE = "objective", "min"
+
+
+class SeedReplicates(Repeater):
+    """Repeater for one or several objectives: every point runs for each seed; the searcher gets the means."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, **kwargs: Any) -> None:
+        metrics = self.searcher.metric if isinstance(self.searcher.metric, list) else [self.searcher.metric]
+        group = self._trial_id_to_group[trial_id]
+        group.report(trial_id, [float(result.get(m, np.nan)) if result else np.nan for m in metrics])
+        if group.finished_reporting():
+            means = np.nanmean(np.array(group.scores(), dtype=float), axis=0)
+            self.searcher.on_trial_complete(group.primary_trial_id,
+                                            result=dict(zip(metrics, means.tolist(), strict=True)), **kwargs)
+
+
+def tune_domain(axis: Any) -> Any:
+    """A spec axis as a Tune search domain (lists and bundles become categorical choices)."""
+    if isinstance(axis, list | Bundle):
+        return tune.choice(axis_values(axis))
+    if isinstance(axis, Choice):
+        return tune.choice(axis.values)
+    if isinstance(axis, LogUniform):
+        return tune.loguniform(axis.low, axis.high)
+    if isinstance(axis, Uniform):
+        return tune.uniform(axis.low, axis.high)
+    if isinstance(axis, RandInt):
+        return tune.randint(axis.low, axis.high + 1)  # Tune's upper bound is exclusive, the spec's inclusive
+    raise TypeError(f"no Tune domain for {axis!r}")
+
+
+def param_space(spec: StudySpec) -> dict[str, Any]:
+    if spec.search.kind == "grid":
+        points = [point for point, seed in expand_grid(spec) if seed == spec.seeds[0]]
+        return {"point": tune.grid_search(points), "seed": tune.grid_search(spec.seeds)}
+    return {"point": {name: tune_domain(axis) for name, axis in spec.axes.items()}}
+
+
+def search_algorithm(spec: StudySpec) -> SeedReplicates | None:
+    """None for a grid (Tune's own variant generator); else an Optuna searcher repeated over the seeds."""
+    search = spec.search
+    if search.kind == "grid":
+        return None
+    if search.kind == "random":
+        sampler = optuna.samplers.RandomSampler(seed=search.seed)
+    elif search.sampler == "cmaes":
+        sampler = optuna.samplers.CmaEsSampler(seed=search.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=search.seed)
+    if len(search.objectives) > 1:
+        searcher = OptunaSearch(metric=list(search.objectives), mode=[MODE] * len(search.objectives),
+                                sampler=sampler)
+    else:
+        searcher = OptunaSearch(sampler=sampler)  # metric and mode come from TuneConfig
+    return SeedReplicates(searcher, repeat=len(spec.seeds), set_index=True)
+
+
+def scheduler(spec: StudySpec) -> ASHAScheduler | None:
+    if spec.scheduler is None:
+        return None
+    iterations = parse_config(spec.base).iterations
+    return ASHAScheduler(time_attr="iteration", max_t=spec.scheduler.max_t or iterations,
+                         grace_period=spec.scheduler.grace_period,
+                         reduction_factor=spec.scheduler.reduction_factor)
+
+
+def trial_count(spec: StudySpec) -> int | None:
+    """Trials the study will run; None for a search bounded by time alone."""
+    if spec.search.kind == "grid":
+        return len(expand_grid(spec))
+    return spec.budget.samples * len(spec.seeds) if spec.budget.samples else None
+
+
+def trial_resources(spec: StudySpec) -> dict[str, float]:
+    return {"cpu": spec.resources.cpus, "gpu": spec.resources.gpu or 0.0}
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short trial folders: the default name holds every axis value and overflows path limits."""
+    return f"trial_{trial.trial_id}"
+
+
+def trainable(run: Callable[..., None], spec: StudySpec, **parameters: Any) -> Any:
+    return tune.with_resources(tune.with_parameters(run, **parameters), trial_resources(spec))
+
+
+def build_tuner(spec: StudySpec, trainable_fn: Any, storage: str, ray_name: str,
+                callbacks: list[tune.Callback]) -> tune.Tuner:
+    single = len(spec.search.objectives) == 1
+    tune_config = tune.TuneConfig(
+        metric=METRIC if single else None, mode=MODE if single else None,
+        search_alg=search_algorithm(spec), scheduler=scheduler(spec),
+        num_samples=1 if spec.search.kind == "grid" else (trial_count(spec) or -1),
+        max_concurrent_trials=spec.max_concurrent, time_budget_s=spec.budget.time_s,
+        trial_dirname_creator=trial_dirname,
+        reuse_actors=True,  # a new trial reuses a finished trial's process: no second torch import
+    )
+    run_config = tune.RunConfig(
+        name=ray_name, storage_path=storage, callbacks=callbacks, verbose=0,  # progress: study/progress.py
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # resume needs only the latest
+    )
+    return tune.Tuner(trainable_fn, param_space=param_space(spec), tune_config=tune_config,
+                      run_config=run_config)
+
+
+def restore_tuner(path: str, trainable_fn: Any) -> tune.Tuner:
+    """Continue an interrupted study: unfinished trials resume from their checkpoints, errored ones too."""
+    return tune.Tuner.restore(path, trainable_fn, resume_unfinished=True, resume_errored=True)

@@ -1,0 +1,64 @@
+"""`python study/run.py`: bad input stops at the edge with exit code 2, naming the problem, writing
+nothing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+from study.run import main
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--set", "bogus=1"], "bogus: unknown field"),
+    (["--set", "max_concurrent=two"], "max_concurrent: Input should be a valid integer"),
+    (["--set", "axes.beta1=[]"], "axes.beta1: an axis needs at least one value"),
+    (["--set", "resources.gpu=0"], "resources.gpu: Input should be greater than 0"),
+    (["--set", "resources.gpu=1.01"], "resources.gpu: Input should be less than or equal to 1"),
+    (["--study", "no-such-preset"], "--study 'no-such-preset': unknown preset and not a YAML file; presets:"),
+    (["--study", "missing.yaml"], "--study missing.yaml: no such file"),
+    (["--set", "novalue"], "--set 'novalue': expected key=value"),
+    (["--storage", "a-file/runs"], "a-file is not a folder"),
+    (["--tracking-uri", "http://127.0.0.1:{port}"], "no MLflow server answered within 15 s"),
+    (["--resume"], "--resume: no tracking database"),
+])
+def test_bad_input_exits_2_naming_the_problem_before_anything_is_written(tmp_path, monkeypatch, capsys, argv,
+                                                                           named):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "a-file").write_text("")
+    argv = [arg.format(port=free_port()) for arg in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and named in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"]  # no mlflow.db, no runs/
+
+
+def test_script_dry_run_prints_the_36_default_trials_and_starts_nothing(tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    result = subprocess.run([sys.executable, str(REPOSITORY / "study" / "run.py"), "--dry-run"], cwd=workdir,
+                            capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "study default (preset default): grid search, axes lr, beta1, variant, seed"
+    assert "each trial: 1 CPU, 0 GPU" in lines[2]
+    assert lines[3].startswith("36 trials (18 cells x 2 seeds)")
+    trial_lines = [line for line in lines if line.startswith("  ")]
+    assert len(trial_lines) == 36
+    assert "beta1=0.5,lr=1e-2,variant=bssn  seed=1" in trial_lines[-1] and "scale=1.5" in trial_lines[-1]
+    assert list(workdir.iterdir()) == []
+
+
+def test_argparse_errors_also_exit_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--no-such-flag"])
+    assert stop.value.code == 2

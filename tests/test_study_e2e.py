@@ -1,0 +1,114 @@
+"""Small studies end to end on a real local Ray and a real MLflow server, read back with the MLflow client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from study.run import main
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+TINY_BASE = ("base: {dataset: digits, device: cpu, width: 0.125, batch_size: 16, iterations: %d, "
+             "log_every: 5, eval_every: 10, checkpoint_every: 10, eval_generated: 100, eval_real: 100}\n")
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+    return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+@pytest.mark.slow
+def test_small_study_writes_a_parent_run_and_one_child_run_per_trial(ray_local, mlflow_server, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "e2e.yaml"
+    spec.write_text("name: e2e\n" + TINY_BASE % 20 + "axes:\n  variant: [none, sn]\nseeds: 1\n")
+    argv = ["--study", str(spec), "--tracking-uri", mlflow_server, "--storage", str(tmp_path / "ray")]
+    assert main(argv) == 0
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("e2e")
+    [parent] = client.search_runs([experiment.experiment_id], "tags.role = 'study'")
+    assert parent.info.run_name == "e2e" and parent.info.status == "FINISHED"
+    assert (parent.data.tags["status"], parent.data.tags["preset"], parent.data.tags["axes"]) == (
+        "finished", "", "variant")
+    assert parent.data.params["axes.variant"] == '["none", "sn"]'
+    children = child_runs(client, experiment.experiment_id, parent.info.run_id)
+    assert sorted(run.data.tags["cell"] for run in children) == ["variant=none", "variant=sn"]
+    for run in children:
+        tags, params = run.data.tags, run.data.params
+        assert (tags["role"], tags["study"], tags["status"], run.info.status) == ("trial", "e2e", "finished",
+                                                                                 "FINISHED")
+        assert (tags["diverged"], tags["divergence_cause"], tags["divergence_step"]) == ("0", "", "-1")
+        assert tags["trial_id"] and tags["node_id"]
+        assert params["variant"] == tags["cell"].removeprefix("variant=") and params["iterations"] == "20"
+        assert params["divergence.grad_explosion"] == "10000.0" and params["seed"] == "0"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_d")] == [5, 10, 15, 20]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "objective")] == [10, 20]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "fd_digits")] == [10, 20]
+        assert run.data.metrics["done"] == 1 and run.data.metrics["iteration"] == 20
+        assert any(key.startswith("sigma/") for key in run.data.metrics) == (tags["cell"] == "variant=sn")
+        samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+        assert samples == ["samples/iter_0000010.png", "samples/iter_0000020.png"]
+        assert "events.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_interrupted_study_resumes_with_no_trial_lost_or_duplicated(mlflow_server, tmp_path):
+    spec = tmp_path / "resume.yaml"
+    spec.write_text("name: resume\n" + TINY_BASE % 120 + "axes:\n  variant: [sn, bsn]\nseeds: 1\n"
+                    "max_concurrent: 1\n")
+    command = [sys.executable, str(REPOSITORY / "study" / "run.py"), "--study", str(spec), "--tracking-uri",
+               mlflow_server, "--storage", str(tmp_path / "ray")]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    client = MlflowClient(mlflow_server)
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+        def checkpointed() -> bool:  # the first trial has logged past its first checkpoint
+            experiment = client.get_experiment_by_name("resume")
+            runs = client.search_runs([experiment.experiment_id], "tags.role = 'trial'") if experiment else []
+            return any(run.data.metrics.get("iteration", 0) >= 30 for run in runs)
+
+        try:
+            wait_for(checkpointed, 240, "no trial reached iteration 30")
+            first.send_signal(signal.SIGINT)  # Ray Tune saves the experiment state and stops
+            assert first.wait(timeout=120) == 1
+        finally:
+            if first.poll() is None:
+                first.kill()
+    assert "continue with --resume" in (tmp_path / "first.log").read_text()
+    experiment_id = client.get_experiment_by_name("resume").experiment_id
+    [parent] = client.search_runs([experiment_id], "tags.role = 'study'")
+    assert parent.data.tags["status"] == "failed"
+    interrupted = child_runs(client, experiment_id, parent.info.run_id)
+    assert any(run.data.tags["status"] == "running" for run in interrupted)
+
+    resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=480)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    [parent] = client.search_runs([experiment_id], "tags.role = 'study'")
+    assert parent.data.tags["status"] == "finished"
+    children = child_runs(client, experiment_id, parent.info.run_id)
+    assert sorted(run.data.tags["cell"] for run in children) == ["variant=bsn", "variant=sn"]
+    for run in children:
+        # A divergence (tiny nets do vanish) ends a trial early, as a result: its steps stop there.
+        assert run.data.tags["status"] in ("finished", "diverged") and run.data.metrics["done"] == 1
+        last = 120 if run.data.tags["status"] == "finished" else int(run.data.tags["divergence_step"])
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss_d")]
+        assert steps == list(range(5, last + 1, 5))  # every step once: none lost, none logged twice

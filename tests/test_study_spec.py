@@ -1,0 +1,146 @@
+"""Study specs and presets: expansion, bundles, unions, and every bad input named by its field."""
+
+from __future__ import annotations
+
+import pytest
+
+from study.spec import StudyError, cell_key, expand_grid, load_spec, preset_names, trial_config
+
+PAPER_SCALES = [0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.4, 2.6, 2.8, 3.0, 3.2, 3.4, 3.6, 3.8, 4.0]
+
+
+def write_spec(tmp_path, text: str):
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_presets_shipped_are_the_six_named_in_the_design():
+    assert preset_names() == ["bssn-paper-celeba", "bssn-paper-cifar10", "bssn-paper-stl10",
+                              "compare-gan-wide", "default", "miyato-AF"]
+
+
+def test_default_preset_is_3_lrs_by_2_beta1_by_none_sn_bssn_by_2_seeds_on_cpu_digits():
+    spec, preset = load_spec("default")
+    trials = expand_grid(spec)
+    configs = [trial_config(spec, point, seed) for point, seed in trials]
+    assert preset == "default" and len(trials) == 36
+    assert {(c.g_lr, c.d_lr) for c in configs} == {(1e-4, 1e-4), (1e-3, 1e-3), (1e-2, 1e-2)}
+    assert {c.beta1 for c in configs} == {0.0, 0.5}
+    assert {c.variant for c in configs} == {"none", "sn", "bssn"}
+    assert {c.seed for c in configs} == {0, 1}
+    assert {(c.dataset, c.device) for c in configs} == {("digits", "cpu")}
+    assert spec.axis_names == ["lr", "beta1", "variant", "seed"]
+
+
+def test_miyato_setting_bundle_moves_lr_betas_and_n_dis_together():
+    spec, _ = load_spec("miyato-AF")
+    configs = {(point["setting"], point["variant"]): trial_config(spec, point, seed)
+               for point, seed in expand_grid(spec)}
+    assert len(expand_grid(spec)) == 6 * 6 * 5
+    d = configs[("D", "bssn")]
+    assert (d.g_lr, d.d_lr, d.beta1, d.beta2, d.n_dis, d.dataset) == (1e-3, 1e-3, 0.5, 0.9, 5, "cifar10")
+    f = configs[("F", "strict_sn")]
+    assert (f.beta1, f.beta2, f.n_dis) == (0.9, 0.999, 5)
+
+
+def test_bssn_paper_grid_is_the_official_lr_grid_plus_the_scale_sweep_at_setting_b():
+    spec, _ = load_spec("bssn-paper-cifar10")
+    configs = [trial_config(spec, point, seed) for point, seed in expand_grid(spec)]
+    sweep = [c for c in configs if c.variant in ("ssn", "bssn")]
+    assert sorted({c.scale for c in sweep}) == PAPER_SCALES
+    assert {(c.g_lr, c.d_lr, c.beta1, c.beta2, c.n_dis) for c in sweep} == {(1e-4, 1e-4, 0.5, 0.999, 1)}
+    grid = [c for c in configs if c.variant not in ("ssn", "bssn")]
+    assert {(c.g_lr, c.d_lr) for c in grid} == {(1e-4, 1e-4), (1e-4, 2e-4), (2e-4, 1e-4), (2e-4, 2e-4)}
+    assert {(c.beta1, c.beta2, c.n_dis) for c in grid} == {(0.5, 0.999, 1), (0.5, 0.9, 5)}
+    assert {c.iterations for c in configs} == {400_000} and {c.seed for c in configs} == set(range(5))
+    assert len(configs) == (2 * 2 * 2 * 9 + 2 * len(PAPER_SCALES)) * 5
+
+
+def test_stl10_and_celeba_analogues_change_dataset_resolution_and_length():
+    stl, _ = load_spec("bssn-paper-stl10")
+    celeba, _ = load_spec("bssn-paper-celeba")
+    point, seed = expand_grid(stl)[0]
+    config = trial_config(stl, point, seed)
+    assert (config.dataset, config.resolution) == ("stl10", 48)
+    assert trial_config(stl, point, seed).iterations == 800_000
+    assert trial_config(celeba, point, seed).resolution == 64
+
+
+def test_learned_gamma_variants_get_the_wgan_gp_loss_in_the_paper_grid():
+    spec, _ = load_spec("bssn-paper-cifar10")
+    configs = [trial_config(spec, point, seed) for point, seed in expand_grid(spec)[:200]]
+    losses = {config.variant: config.loss for config in configs}
+    assert losses["sn_gamma_shared"] == "wgan_gp" and losses["sn"] == "hinge"
+
+
+def test_compare_gan_wide_is_a_random_search_of_100_points_by_3_seeds():
+    spec, _ = load_spec("compare-gan-wide")
+    assert spec.search.kind == "random" and spec.budget.samples == 100 and spec.seeds == [0, 1, 2]
+    assert spec.axes["g_lr"].low == 1e-5 and spec.axes["g_lr"].high == 1e-2
+    assert (spec.axes["n_dis"].low, spec.axes["n_dis"].high) == (1, 5)
+
+
+def test_cell_key_sorts_axis_names_and_leaves_out_the_seed():
+    assert cell_key({"variant": "sn", "g_lr": 0.0002, "seed": 3}) == "g_lr=0.0002,variant=sn"
+
+
+def test_a_union_of_grids_runs_a_shared_cell_once(tmp_path):
+    path = write_spec(tmp_path, "name: u\ngrids:\n  - {variant: [sn, bsn]}\n  - {variant: [bsn, bssn]}\n"
+                                "seeds: 2\n")
+    spec, _ = load_spec(path)
+    assert [(p["variant"], s) for p, s in expand_grid(spec)] == [
+        ("sn", 0), ("sn", 1), ("bsn", 0), ("bsn", 1), ("bssn", 0), ("bssn", 1)]
+
+
+def test_set_overrides_nested_fields_and_seed_count_means_a_range():
+    spec, _ = load_spec("default", ["base.iterations=50", "seeds=3", "axes.variant=[sn]"])
+    assert spec.base["iterations"] == 50 and spec.seeds == [0, 1, 2]
+    assert len(expand_grid(spec)) == 3 * 2 * 1 * 3
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (["bogus=1"], "bogus: unknown field"),
+    (["resources.bogus=1"], "resources.bogus: unknown field"),
+    (["max_concurrent=many"], "max_concurrent: Input should be a valid integer"),
+    (["axes.variant=[]"], "axes.variant: an axis needs at least one value"),
+    (["resources.gpu=0"], "resources.gpu: Input should be greater than 0"),
+    (["resources.gpu=1.5"], "resources.gpu: Input should be less than or equal to 1"),
+    (["axes.widht=[0.5]"], "axes.widht: unknown trial-config field"),
+    (["axes.seed=[1, 2]"], "axes.seed: seeds are not an axis"),
+    (["base.n_dis=0"], "base.n_dis: n_dis must be >= 1"),
+    (["axes.variant=[sn, spectral]"], "variant: Input should be 'none', 'sn'"),
+    (["axes.g_lr={dist: loguniform, low: 1e-5, high: 1e-2}"], "axes.g_lr: a distribution needs search.kind"),
+    (["base.checkpoint_every=90"], "base.checkpoint_every: 90 must be a multiple of eval_every (60)"),
+    (["search.kind=random"], "budget: a random search needs budget.samples or budget.time_s"),
+    (["axes.beta1=3"], "axes.beta1: an axis is a list of values, {dist: loguniform|uniform|randint|choice"),
+    (["axes.variant=[sn, spectral]"], "(trial beta1=0.0,lr=1e-4,variant=spectral and 11 more)"),
+    (["seeds=[1, 1]"], "seeds: seeds must be distinct, got [1, 1]"),
+])
+def test_bad_spec_is_refused_naming_the_field(overrides, named):
+    with pytest.raises(StudyError) as error:
+        load_spec("default", overrides)
+    assert named in str(error.value)
+    assert str(error.value).startswith("invalid study 'default': ")
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(StudyError, match=r"--study 'nope': unknown preset .* presets: bssn-paper-celeba, "):
+        load_spec("nope")
+
+
+def test_cmaes_refuses_two_objectives_and_categorical_axes(tmp_path):
+    path = write_spec(tmp_path, "name: c\naxes:\n  g_lr: {dist: loguniform, low: 1.0e-5, high: 1.0e-2}\n"
+                                "  variant: [sn, bsn]\nsearch: {kind: optuna, sampler: cmaes, "
+                                "objectives: [objective, diverged]}\nbudget: {samples: 4}\n")
+    with pytest.raises(StudyError) as error:
+        load_spec(path)
+    assert "search.sampler: cmaes optimises a single objective" in str(error.value)
+    assert "search.sampler: cmaes samples numbers only" in str(error.value)
+
+
+def test_search_distribution_bounds_are_checked_against_the_trial_config(tmp_path):
+    path = write_spec(tmp_path, "name: s\naxes:\n  beta1: {dist: uniform, low: 0.0, high: 1.0}\n"
+                                "search: {kind: random}\nbudget: {samples: 4}\n")
+    with pytest.raises(StudyError, match=r"beta1: Adam beta must lie in \[0, 1\), got 1.0 \(trial beta1=1.0"):
+        load_spec(path)
