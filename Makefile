@@ -4,14 +4,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test bench clean
+.PHONY: install run test trial bench clean
 
 install: $(VENV)/.installed
 
+# torch and torchvision first, at the versions this machine serves from its own disk.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch and torchvision first, at the versions this machine serves from its own disk
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
@@ -19,11 +19,17 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(PY) study/run.py --study default
 
+# Debian's chromium opens the HTML report for the screenshot test (apt needs root; else that test skips).
 test: install
+	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "chromium not installed: the report screenshot test will skip"
 	$(PY) -m pytest -q
 
+trial: install
+	$(PY) -m trainables
+
 bench: install
-	$(PY) bench/iteration_time.py
+	$(PY) bench/iteration_time.py --n-dis 1 --iters 3 --warmup 1
 
 clean:
 	rm -rf $(VENV)

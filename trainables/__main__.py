@@ -18,6 +18,7 @@ import yaml
 
 from trainables.config import ConfigError, parse_config
 from trainables.data import DatasetNotFoundError
+from trainables.metrics import InceptionWeightsMissingError
 from trainables.train import CHECKPOINT_FILE, train
 
 
@@ -75,23 +76,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    metrics_file = (args.out / "metrics.jsonl").open("a" if args.resume else "w")
+    metrics_path = args.out / "metrics.jsonl"
+    if not args.resume:
+        metrics_path.unlink(missing_ok=True)  # a new run in an old folder starts a new log
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
-        metrics_file.write(json.dumps(metrics) + "\n")
-        metrics_file.flush()
+        with metrics_path.open("a") as log:  # opened per report: nothing is written before training starts
+            log.write(json.dumps(metrics) + "\n")
         print_progress(metrics, checkpoint_dir)
 
     print(f"training {config.variant} on {config.dataset} ({config.resolution} px) for {config.iterations} "
           f"iterations; output in {args.out}", flush=True)
     try:
         summary = train(config, report, workdir=args.out, resume_from=resume_from)
-    except (ConfigError, DatasetNotFoundError) as exc:
+    except (ConfigError, DatasetNotFoundError, InceptionWeightsMissingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        metrics_file.close()
     print(json.dumps({key: summary[key] for key in ("objective", "diverged", "divergence_cause",
                                                     "divergence_step")}), flush=True)
     return 0

@@ -53,7 +53,6 @@ def train(config: TrialConfig | dict, report: Report, *, workdir: str | Path,
     """
     cfg = parse_config(config)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
@@ -144,6 +143,7 @@ def train(config: TrialConfig | dict, report: Report, *, workdir: str | Path,
         watch.check_evaluation(iteration, cfg.primary_metric, primary, sample_diversity(grid))
         return metrics
 
+    workdir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
     d_params = [p for p in discriminator.parameters() if p.requires_grad]
     g_params = [p for p in generator.parameters() if p.requires_grad]
     last_log_time, last_log_iteration = time.perf_counter(), start
