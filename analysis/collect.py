@@ -160,6 +160,7 @@ def collect(
     axes = parent.data.tags.get("axes", "")
     if not axes:  # a parent without the tag: the config columns that vary are the swept axes
         axes = ",".join(c for c in trials.columns if c not in TRIAL_COLUMNS and trials[c].nunique() > 1)
+    trials = _with_bundle_axes(trials, [a for a in axes.split(",") if a])
     meta = {
         "study": name,
         "parent_run_id": parent.info.run_id,
@@ -445,6 +446,18 @@ def _typed_column(values: pd.Series, kind: type | None) -> pd.Series:
             return numbers.astype("int64")
         return numbers.astype("float64")
     return values.astype(object)
+
+
+def _with_bundle_axes(trials: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """Axes that are no config field (a bundle such as `lr` setting g_lr and d_lr together) get a column
+    of their labels, read from each trial's `cell` tag (`beta1=0.5,lr=1e-3,variant=sn`)."""
+    missing = [axis for axis in axes if axis != "seed" and axis not in trials.columns]
+    if not missing:
+        return trials
+    cells = [dict(part.split("=", 1) for part in cell.split(",") if "=" in part) for cell in trials["cell"]]
+    labels = {axis: _typed_column(pd.Series([c.get(axis, "") for c in cells], index=trials.index), None)
+              for axis in missing}
+    return trials.assign(**labels)
 
 
 def _trials_frame(runs: list[Run]) -> pd.DataFrame:

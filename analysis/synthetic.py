@@ -39,6 +39,7 @@ class SyntheticTrial:
     start_ms: int = 1_700_000_000_000  # run start, ms since the epoch
     wall_time_s: float = 60.0
     config: dict[str, Any] = field(default_factory=dict)  # other TrialConfig fields (dataset, metrics, ...)
+    bundles: dict[str, str] = field(default_factory=dict)  # bundle axes' labels ({"lr": "1e-3"}): cell tag
 
 
 def flatten_config(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -113,7 +114,7 @@ def _write_trial(
         "role": "trial",
         "study": study,
         "trial_id": f"trial_{index:05d}",
-        "cell": cell_key(trial.axes),
+        "cell": cell_key({**trial.axes, **trial.bundles}),
         "status": trial.status,
         "diverged": "1" if diverged else "0",
         "divergence_cause": trial.divergence_cause,

@@ -209,6 +209,7 @@ def overhead(frame: Any, driver_cpu_s: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact read
     cwd = Path.cwd()
     try:
         spec, preset = load_spec(args.study, args.overrides)

@@ -226,3 +226,22 @@ def test_setting_letter_is_matched_from_the_optimiser_axes(mlflow_server):
     tables = collect(mlflow_server, study=name)
     assert sorted(tables.trials["setting"]) == ["", "A", "F"]
     assert tables.trials.set_index("setting").loc["F", "g_lr"] == 1e-3
+
+
+def test_a_bundle_axis_gets_a_column_from_the_cell_tag_and_splits_the_cells(mlflow_server):
+    from analysis.aggregate import cell_summary
+
+    trials = [
+        SyntheticTrial(axes={"variant": variant, "seed": seed}, bundles={"lr": label},
+                       config={"g_lr": lr, "d_lr": lr}, evals=[(100, value + seed)])
+        for label, lr, value in (("1e-4", 1e-4, 10.0), ("1e-3", 1e-3, 50.0))
+        for variant in ("none", "sn") for seed in (0, 1)
+    ]
+    name = f"bundle-{uuid.uuid4().hex[:8]}"
+    write_study(MlflowClient(mlflow_server), name, trials, axes=["lr", "variant", "seed"])
+    tables = collect(mlflow_server, study=name)
+    assert sorted(tables.trials["lr"].unique()) == [1e-4, 1e-3]
+    summary = cell_summary(tables)
+    assert len(summary) == 4  # lr x variant, not variant alone
+    medians = {(r.lr, r.variant): r.median for r in summary.itertuples()}
+    assert medians == {(1e-4, "none"): 10.5, (1e-4, "sn"): 10.5, (1e-3, "none"): 50.5, (1e-3, "sn"): 50.5}
