@@ -1,0 +1,142 @@
+"""Iterations per second of K trials packed into one batched computation against separate trials.
+
+One iteration is n_dis D steps and one G step of every member (trainables.packing.PackedGAN: vmap over
+stacked parameters, grouped convolutions, a per-member Adam); a separate trial is train.py's loop without its
+diagnostics (bench/iteration_time.py's `training_iteration`, torch.optim.Adam). Standard CNN at 32 px, random
+real images already on the device (no data loading, no logging steps). Separate trials run one after another,
+so K of them together make as many iterations per second as one: the table shows that rate once and each
+pack's rate summed over its members, as absolute it/s and as a ratio.
+
+    python bench/packing.py                                   # CUDA if available, else CPU; K = 1 4 16 64
+    python bench/packing.py --width 0.25 --batch-size 16 --packs 1 4 16 --iters 3   # a small CPU run
+    python bench/packing.py --profile 16                      # also: where one packed iteration's time goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from functools import partial
+
+import torch
+from iteration_time import device_name, int_at_least, make_trainee, synchronize, training_iteration
+
+from trainables.config import TrialConfig
+from trainables.packing import PackedGAN, build_member_networks
+
+RESOLUTION = 32
+
+
+def member_configs(k: int, args: argparse.Namespace) -> list[TrialConfig]:
+    """K members of one pack: the default trial at the benchmark's settings, seeds and lrs of a small grid."""
+    lrs = (1e-4, 2e-4)
+    return [TrialConfig(architecture="standard_cnn", resolution=RESOLUTION, width=args.width,
+                        variant=args.variant, n_dis=args.n_dis, batch_size=args.batch_size, seed=i,
+                        g_lr=lrs[i % 2], d_lr=lrs[(i // 2) % 2], device=args.device) for i in range(k)]
+
+
+def build_pack(configs: list[TrialConfig], device: torch.device) -> PackedGAN:
+    networks = [build_member_networks(cfg, device)[:2] for cfg in configs]
+    return PackedGAN([g for g, _ in networks], [d for _, d in networks], configs, device)
+
+
+def packed_iteration(pack: PackedGAN, real: torch.Tensor, n_dis: int, z_dim: int) -> None:
+    """n_dis D steps and one G step of every member; real: (K, B, 3, R, R)."""
+    k, batch = real.shape[:2]
+    for _ in range(n_dis):
+        pack.d_step(real, torch.randn(k, batch, z_dim, device=real.device))
+    pack.g_step(torch.randn(k, batch, z_dim, device=real.device))
+
+
+def median_seconds(step, device: torch.device, warmup: int, iters: int) -> float:
+    """Median wall-clock seconds of `step()` over `iters` calls after `warmup` untimed ones."""
+    seconds = []
+    for i in range(warmup + iters):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        if i >= warmup:
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def profile_packed_iteration(pack: PackedGAN, real: torch.Tensor, n_dis: int, z_dim: int,
+                             device: torch.device, rows: int = 20) -> None:
+    """Print torch.profiler's table of one packed iteration (after a warm-up one), by self device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    packed_iteration(pack, real, n_dis, z_dim)
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        packed_iteration(pack, real, n_dis, z_dim)
+        synchronize(device)
+    events = prof.key_averages()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=key, row_limit=rows))
+    ops = sum(e.count for e in events if e.key.startswith("aten::"))
+    print(f"aten ops called per packed iteration (all levels): {ops}")
+    if device.type == "cuda":
+        kernels = sum(e.count for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        print(f"device kernels per packed iteration: {kernels}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--variant", default="sn", help="D normalization (default sn)")
+    parser.add_argument("--n-dis", type=int_at_least(1), default=5, help="D steps per G step (default 5)")
+    parser.add_argument("--width", type=float, default=1.0,
+                        help="channel multiplier; 1.0 is the paper's network (default)")
+    parser.add_argument("--batch-size", type=int_at_least(2), default=64,
+                        help="images per batch (default 64)")
+    parser.add_argument("--packs", type=int_at_least(1), nargs="+", default=[1, 4, 16, 64],
+                        help="pack sizes K (default 1 4 16 64)")
+    parser.add_argument("--warmup", type=int_at_least(0), default=2,
+                        help="untimed iterations first (default 2)")
+    parser.add_argument("--iters", type=int_at_least(1), default=10, help="timed iterations (default 10)")
+    parser.add_argument("--threads", type=int_at_least(1), default=torch.get_num_threads(),
+                        help="CPU threads for torch (default: torch's own choice)")
+    parser.add_argument("--profile", type=int_at_least(1), metavar="K",
+                        help="also profile one iteration of a pack of K members")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    defaults = member_configs(1, args)[0]
+    z_dim = defaults.z_dim
+
+    trainee = make_trainee(args.variant, args.width, device, defaults)
+    real = torch.rand(args.batch_size, 3, RESOLUTION, RESOLUTION, device=device) * 2 - 1
+    separate = median_seconds(partial(training_iteration, trainee, real, args.n_dis, z_dim), device,
+                              args.warmup, args.iters)
+
+    print(f"device: {device} ({device_name(device)}); torch {torch.__version__}")
+    print(f"standard_cnn {RESOLUTION} px, {args.variant}, width {args.width}, batch {args.batch_size}, "
+          f"n_dis {args.n_dis}, hinge, Adam, fp32; median of {args.iters} iterations after {args.warmup} "
+          "warm-up")
+    print(f"separate trials, one after another: {1 / separate:.2f} it/s summed, whatever their number")
+    print(f"{'K':>4} {'ms/pack iteration':>18} {'packed it/s (sum)':>18} {'separate it/s':>14} {'ratio':>7}")
+    for k in args.packs:
+        pack = build_pack(member_configs(k, args), device)
+        stacked_real = real.expand(k, *real.shape).contiguous()
+        seconds = median_seconds(partial(packed_iteration, pack, stacked_real, args.n_dis, z_dim),
+                                 device, args.warmup, args.iters)
+        print(f"{k:>4} {1000 * seconds:>18.1f} {k / seconds:>18.2f} {1 / separate:>14.2f} "
+              f"{k * separate / seconds:>7.2f}", flush=True)
+        del pack, stacked_real
+    if args.profile is not None:
+        k = args.profile
+        print(f"\nprofile of one packed iteration, K = {k}:")
+        pack = build_pack(member_configs(k, args), device)
+        profile_packed_iteration(pack, real.expand(k, *real.shape).contiguous(), args.n_dis, z_dim, device)
+
+
+if __name__ == "__main__":
+    main()
