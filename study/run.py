@@ -170,7 +170,10 @@ def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str, res
         results = tuner.fit()
         driver_cpu_s = time.process_time() - cpu_started
         # Ray marks `done` on trials whose function returned; an interrupt (Ctrl+C) leaves the rest without.
-        ended = sum(1 for result in results if result.error is None and result.metrics.get("done"))
+        # A trial that ended just before its driver was killed is restored without `done`, but its last
+        # result is its final report, the only one that carries `divergence_step` (trainables/train.py).
+        ended = sum(1 for result in results if result.error is None
+                    and (result.metrics.get("done") or "divergence_step" in result.metrics))
         unfinished = (trial_count(spec) or len(results)) - ended - len(results.errors)
         status = "finished" if unfinished == 0 and not results.errors else "failed"
     finally:

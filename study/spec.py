@@ -383,13 +383,30 @@ def preset_names() -> list[str]:
                   if entry.name.endswith(".yaml"))
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """Safe loading that refuses a key given twice in one mapping (PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # Explicit keys only: a `<<` merge key's entries may be overridden, that is what it is for.
+        keys = [self.construct_object(key, deep=True) for key, _ in node.value
+                if key.tag != "tag:yaml.org,2002:merge"]
+        repeated = sorted({str(key) for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key(s) {', '.join(repeated)} in one mapping", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_spec_file(name_or_path: str) -> tuple[dict[str, Any], str]:
     """The raw mapping of a preset name or a YAML path, and the preset name ("" for a file)."""
     path = Path(name_or_path)
     if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise StudyError(f"--study {name_or_path}: no such file")
-        text, preset = path.read_text(), ""
+        try:
+            text, preset = path.read_text(encoding="utf-8"), ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StudyError(f"--study {name_or_path}: cannot read it as UTF-8 text ({exc})") from None
     elif name_or_path in preset_names():
         preset = name_or_path
         text = resources.files(PRESETS_PACKAGE).joinpath(f"{name_or_path}.yaml").read_text()
@@ -397,7 +414,7 @@ def read_spec_file(name_or_path: str) -> tuple[dict[str, Any], str]:
         raise StudyError(f"--study {name_or_path!r}: unknown preset and not a YAML file; "
                          f"presets: {', '.join(preset_names())}")
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise StudyError(f"--study {name_or_path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -415,7 +432,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise StudyError(f"--set {pair!r}: expected key=value, e.g. --set base.iterations=200")
         try:
             set_dotted(values, key, yaml.safe_load(raw))
-        except (yaml.YAMLError, AttributeError) as exc:
+        except (yaml.YAMLError, AttributeError, TypeError) as exc:  # TypeError: a dotted key through a scalar
             raise StudyError(f"--set {pair!r}: cannot set {key}: {exc}") from None
     return values
 

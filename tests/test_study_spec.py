@@ -111,7 +111,7 @@ def test_set_overrides_nested_fields_and_seed_count_means_a_range():
     (["base.n_dis=0"], "base.n_dis: n_dis must be >= 1"),
     (["axes.variant=[sn, spectral]"], "variant: Input should be 'none', 'sn'"),
     (["axes.g_lr={dist: loguniform, low: 1e-5, high: 1e-2}"], "axes.g_lr: a distribution needs search.kind"),
-    (["base.checkpoint_every=90"], "base.checkpoint_every: 90 must be a multiple of eval_every (60)"),
+    (["base.checkpoint_every=150"], "base.checkpoint_every: 150 must be a multiple of eval_every (100)"),
     (["search.kind=random"], "budget: a random search needs budget.samples or budget.time_s"),
     (["axes.beta1=3"], "axes.beta1: an axis is a list of values, {dist: loguniform|uniform|randint|choice"),
     (["axes.variant=[sn, spectral]"], "(trial beta1=0.0,lr=1e-4,variant=spectral and 11 more)"),

@@ -14,8 +14,8 @@ TINY = ["--set", "width=0.125", "--set", "batch_size=8", "--set", "iterations=20
 
 
 def trainables(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainables", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "trainables", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_trains_prints_progress_and_writes_metrics_samples_and_checkpoint(tmp_path):
@@ -41,7 +41,8 @@ def test_resume_continues_from_the_checkpoint_and_appends_metrics(tmp_path):
     result = trainables(*TINY, "--set", "iterations=10", "--out", str(out), "--resume", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [row["iteration"] for row in rows] == [5, 10, 10]  # the finished trial only reports its result again
+    # the finished trial only reports its result again
+    assert [row["iteration"] for row in rows] == [5, 10, 10]
     assert rows[-1] == rows[1]
 
 

@@ -19,7 +19,7 @@ import yaml
 from trainables.config import ConfigError, parse_config
 from trainables.data import DatasetNotFoundError
 from trainables.metrics import InceptionWeightsMissingError
-from trainables.train import CHECKPOINT_FILE, train
+from trainables.train import CHECKPOINT_FILE, CheckpointError, train
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
           f"iterations; output in {args.out}", flush=True)
     try:
         summary = train(config, report, workdir=args.out, resume_from=resume_from)
-    except (ConfigError, DatasetNotFoundError, InceptionWeightsMissingError) as exc:
+    except (ConfigError, DatasetNotFoundError, InceptionWeightsMissingError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({key: summary[key] for key in ("objective", "diverged", "divergence_cause",

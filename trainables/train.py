@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import shutil
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,27 @@ from trainables.normalization import frozen_parametrizations, normalize
 Report = Callable[[dict[str, Any], "str | None"], None]
 CHECKPOINT_FILE = "state.pt"
 GRID_SAMPLES = 64  # images in each evaluation's sample grid (and the mode-collapse diversity)
+
+
+class CheckpointError(OSError):
+    """A checkpoint that cannot be read back (corrupt, truncated, not tensors) or written (disk full)."""
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """A state.pt written by `train`, checked whole first: torch.load misses a flipped byte in a tensor.
+
+    Only tensors and plain data load (weights_only=True): a checkpoint that would run code is refused.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # the CRC-32 of every record torch.save wrote
+        if damaged is not None:
+            raise CheckpointError(f"checkpoint {path} is corrupt: record {damaged} fails its CRC check")
+        return torch.load(path, map_location=device, weights_only=True)
+    except (zipfile.BadZipFile, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be loaded, it is truncated, corrupt or not a "
+                              f"checkpoint of this trainer ({first_line})") from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,7 +111,7 @@ def train(config: TrialConfig | dict, report: Report, *, workdir: str | Path,
     checkpoint_dir = workdir / "checkpoint"
     start, objective = 0, None
     if resume_from is not None:
-        state = torch.load(Path(resume_from) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        state = load_checkpoint(Path(resume_from) / CHECKPOINT_FILE, device)
         if "summary" in state:  # the trial had already finished: report its result again, train nothing
             summary = json.loads(state["summary"])
             report(summary, None)
@@ -115,8 +139,15 @@ def train(config: TrialConfig | dict, report: Report, *, workdir: str | Path,
             state["summary"] = json.dumps(summary)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         partial = checkpoint_dir / (CHECKPOINT_FILE + ".partial")
-        torch.save(state, partial)
-        os.replace(partial, checkpoint_dir / CHECKPOINT_FILE)  # atomic: a crash leaves the previous one whole
+        try:
+            torch.save(state, partial)
+            os.replace(partial, checkpoint_dir / CHECKPOINT_FILE)  # atomic: a crash leaves the previous whole
+        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+            partial.unlink(missing_ok=True)
+            raise CheckpointError(
+                f"cannot write checkpoint {checkpoint_dir / CHECKPOINT_FILE} ({str(exc).strip()}); "
+                f"{shutil.disk_usage(checkpoint_dir).free} bytes free there; the previous checkpoint is kept"
+            ) from None
         return str(checkpoint_dir)
 
     def write_events() -> None:
