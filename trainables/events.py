@@ -54,11 +54,12 @@ class StepMonitor:
         self.order_within_update = torch.tensor([0, 1, 1], device=device)  # loss, then gradient
 
     def update(self, iteration: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """loss: the step's loss; grad_norm: the total gradient norm of the network it updated."""
+        """loss: the step's loss; grad_norm: the total gradient norm of the network it updated. Both 0-dim, or
+        (K,) for the K members of a pack (trainables/packing.py), whose state then has a leading K dim."""
         grad_finite = grad_norm.isfinite()
         exploded = grad_finite & (grad_norm > self.explosion_threshold)
-        holds = torch.stack([~loss.isfinite(), ~grad_finite, exploded])
-        values = torch.stack([loss.detach(), grad_norm, grad_norm]).float()
+        holds = torch.stack([~loss.isfinite(), ~grad_finite, exploded], dim=-1)
+        values = torch.stack([loss.detach(), grad_norm, grad_norm], dim=-1).float()
         order = self.order_within_update + 2 * self.updates
         self.updates += 1
         new = holds & (self.first_iteration < 0)

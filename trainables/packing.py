@@ -254,33 +254,23 @@ class PackedStepMonitor:
 
     def __init__(self, monitors: list[StepMonitor], device: torch.device):
         self.updates = monitors[0].updates  # every member of a pack has had the same updates
-        self.threshold = torch.tensor([m.explosion_threshold for m in monitors], device=device)
+        self.explosion_threshold = torch.tensor([m.explosion_threshold for m in monitors], device=device)
         self.first_iteration = torch.stack([m.first_iteration for m in monitors])
         self.first_order = torch.stack([m.first_order for m in monitors])
         self.first_value = torch.stack([m.first_value for m in monitors])
         self.order_within_update = monitors[0].order_within_update
 
-    def update(self, iteration: int, loss: Tensor, grad_norm: Tensor) -> None:
-        """loss, grad_norm: (K,), each member's step loss and total gradient norm; StepMonitor's rule."""
-        grad_finite = grad_norm.isfinite()
-        exploded = grad_finite & (grad_norm > self.threshold)
-        holds = torch.stack([~loss.isfinite(), ~grad_finite, exploded], dim=1)
-        values = torch.stack([loss.detach(), grad_norm, grad_norm], dim=1).float()
-        order = self.order_within_update + 2 * self.updates
-        self.updates += 1
-        new = holds & (self.first_iteration < 0)
-        self.first_iteration = torch.where(new, iteration, self.first_iteration)
-        self.first_order = torch.where(new, order, self.first_order)
-        self.first_value = torch.where(new, values, self.first_value)
+    # StepMonitor's rule on (K,) losses and gradient norms: its tensors broadcast over the member dim.
+    update = StepMonitor.update
 
     def member(self, row: int) -> StepMonitor:
-        monitor = StepMonitor(float(self.threshold[row]), self.first_iteration.device)
+        monitor = StepMonitor(float(self.explosion_threshold[row]), self.first_iteration.device)
         monitor.load_state_dict({"updates": self.updates, "first_iteration": self.first_iteration[row],
                                  "first_order": self.first_order[row], "first_value": self.first_value[row]})
         return monitor
 
     def keep(self, rows: Tensor) -> None:
-        for name in ("threshold", "first_iteration", "first_order", "first_value"):
+        for name in ("explosion_threshold", "first_iteration", "first_order", "first_value"):
             setattr(self, name, getattr(self, name)[rows])
 
 
