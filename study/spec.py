@@ -35,7 +35,15 @@ from pydantic import (
     model_validator,
 )
 
-from trainables.config import ConfigError, TrialConfig, describe_validation_error, parse_config
+from trainables.config import (
+    ConfigError,
+    TrialConfig,
+    describe_validation_error,
+    merge,
+    parse_config,
+    set_dotted,
+)
+from trainables.config import parse_overrides as parse_dotted_overrides
 
 PRESETS_PACKAGE = "study.presets"
 OBJECTIVES = ("objective", "diverged")  # what a search minimises: the primary metric, the divergence flag
@@ -200,25 +208,6 @@ def trial_fields() -> set[str]:
     nested = TrialConfig.model_fields["divergence"].annotation.model_fields
     fields |= {f"divergence.{name}" for name in nested}
     return fields
-
-
-def set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = values
-    for parent in parents:
-        node = node.setdefault(parent, {})
-    node[leaf] = value
-
-
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """A deep merge: nested mappings are merged key by key, everything else replaced."""
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def axis_values(axis: Axis) -> list[Any]:
@@ -425,16 +414,10 @@ def read_spec_file(name_or_path: str) -> tuple[dict[str, Any], str]:
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """['base.n_dis=5', 'seeds=1'] -> {'base': {'n_dis': 5}, 'seeds': 1}; values are parsed as YAML."""
-    values: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise StudyError(f"--set {pair!r}: expected key=value, e.g. --set base.iterations=200")
-        try:
-            set_dotted(values, key, yaml.safe_load(raw))
-        except (yaml.YAMLError, AttributeError, TypeError) as exc:  # TypeError: a dotted key through a scalar
-            raise StudyError(f"--set {pair!r}: cannot set {key}: {exc}") from None
-    return values
+    try:
+        return parse_dotted_overrides(pairs, example="base.iterations=200")
+    except ConfigError as exc:
+        raise StudyError(str(exc)) from None
 
 
 def load_spec(name_or_path: str, overrides: list[str] = ()) -> tuple[StudySpec, str]:

@@ -16,32 +16,10 @@ from typing import Any
 
 import yaml
 
-from trainables.config import ConfigError, parse_config
+from trainables.config import ConfigError, merge, parse_config, parse_overrides
 from trainables.data import DatasetNotFoundError
 from trainables.metrics import InceptionWeightsMissingError
 from trainables.train import CHECKPOINT_FILE, CheckpointError, train
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """['n_dis=5', 'divergence.grad_explosion=1e3'] -> {'n_dis': 5, 'divergence': {'grad_explosion': 1e3}}."""
-    values: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. --set g_lr=1e-4")
-        *parents, leaf = key.split(".")
-        node = values
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = yaml.safe_load(raw)
-    return values
-
-
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overrides.items():
-        merged[key] = merge(merged.get(key) or {}, value) if isinstance(value, dict) else value
-    return merged
 
 
 def print_progress(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DATASETS = ("digits", "cifar10", "stl10", "celeba", "imagefolder", "mnist")
@@ -207,3 +208,38 @@ def describe_validation_error(exc: ValidationError) -> str:
         field = ".".join(str(part) for part in err["loc"])
         lines.append(f"{field}: {message}" if field else message)  # model-level messages name their field
     return "invalid trial config:\n  " + "\n  ".join(lines)
+
+
+def set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    """values['a']['b'] = value for key 'a.b', creating the mappings on the way."""
+    *parents, leaf = key.split(".")
+    node = values
+    for parent in parents:
+        node = node.setdefault(parent, {})
+    node[leaf] = value
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A deep merge: nested mappings are merged key by key, everything else replaced."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(pairs: list[str], example: str = "g_lr=1e-4") -> dict[str, Any]:
+    """`--set` pairs ['n_dis=5', 'divergence.grad_explosion=1e3'] -> {'n_dis': 5, 'divergence':
+    {'grad_explosion': 1e3}}; values are parsed as YAML. Raises ConfigError naming the bad pair."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. --set {example}")
+        try:
+            set_dotted(values, key, yaml.safe_load(raw))
+        except (yaml.YAMLError, AttributeError, TypeError) as exc:  # TypeError: a dotted key through a scalar
+            raise ConfigError(f"--set {pair!r}: cannot set {key}: {exc}") from None
+    return values

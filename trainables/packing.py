@@ -55,7 +55,14 @@ from trainables.losses import discriminator_loss, generator_loss
 from trainables.metrics import Evaluator
 from trainables.networks import build_discriminator, build_generator
 from trainables.normalization import SpectralNormalization, frozen_parametrizations, normalize
-from trainables.train import CHECKPOINT_FILE, GRID_SAMPLES, Report, finite_only, resolve_device
+from trainables.train import (
+    CHECKPOINT_FILE,
+    GRID_SAMPLES,
+    Report,
+    finite_only,
+    load_checkpoint,
+    resolve_device,
+)
 
 # The fields in which the members of a pack may differ; every other field is shared.
 MEMBER_FIELDS = ("g_lr", "d_lr", "beta1", "beta2", "scale", "seed", "divergence")
@@ -608,7 +615,7 @@ def resume_members(members: list[Member], folder: Path, device: torch.device) ->
         path = folder / member_name(member.index) / CHECKPOINT_FILE
         if not path.exists():
             raise FileNotFoundError(f"resume_from: no checkpoint for member {member.index} at {path}")
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = load_checkpoint(path, device)  # CRC-checked, weights_only, errors name the file
         saved = TrialConfig.model_validate_json(state["config"])
         if saved != member.config:
             differing = sorted(name for name in TrialConfig.model_fields
