@@ -78,6 +78,9 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
     run = TrialRun.open(MlflowClient(context.tracking_uri), context.experiment_id, context.parent_run_id,
                         trial_id, run_id, run_name=f"{cell},seed={seed}" if cell else f"seed={seed}",
                         tags=tags, params=flatten(trial.model_dump(mode="json")))
+    if run.ended:
+        tune.report({**run.final_result(), "mlflow_seconds": run.log_seconds})
+        return
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         run.log_report(metrics)

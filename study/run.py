@@ -138,8 +138,6 @@ def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str, res
     from study.tracking import create_parent_run, finish_parent_run, study_experiment
     from study.tuning import build_tuner, restore_tuner, trainable
 
-    # Each checkpoint forces a snapshot of Tune's small experiment state; that is wanted, not a bottleneck.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     client = MlflowClient(tracking_uri)
     experiment_id = study_experiment(client, spec)
     if resume:

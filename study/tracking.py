@@ -34,6 +34,7 @@ DEFAULT_STORAGE = "runs"
 REACH_TIMEOUT_S = 15.0
 VERSIONED_PACKAGES = ("torch", "ray", "mlflow", "optuna", "gan-stability")
 TRIAL_STATUSES = ("running", "finished", "diverged", "failed")
+ENDED_STATUSES = ("finished", "diverged")  # set by the trial itself (or ASHA's stop): its result stands
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
 MAX_METRICS_PER_BATCH = 1000
 
@@ -192,8 +193,12 @@ class TrialRun:
     def __init__(self, client: MlflowClient, run_id: str):
         self.client = client
         self.run_id = run_id
+        recorded = client.get_run(run_id).data
         # Steps already logged (a crashed attempt may have logged past its last checkpoint): never log twice.
-        self.last_step = int(client.get_run(run_id).data.metrics.get("iteration", -1))
+        self.last_step = int(recorded.metrics.get("iteration", -1))
+        # The trial's own final report, when it has already ended (see `final_result`).
+        self.ended = recorded.tags.get("status") in ENDED_STATUSES
+        self._recorded = recorded
         self.logged_artifacts: dict[str, float] = {}  # path relative to workdir -> mtime when logged
         self.log_seconds = 0.0  # time spent talking to MLflow (the service's overhead)
 
@@ -203,18 +208,29 @@ class TrialRun:
         """Continue run_id (from the checkpoint) or the trial's run under the parent, else create it."""
         started = time.perf_counter()
         run_id = run_id or find_trial_run(client, experiment_id, parent_run_id, trial_id)
+        reopened = run_id is not None
         if run_id is None:
             all_tags = {"mlflow.parentRunId": parent_run_id, "role": "trial", "trial_id": trial_id,
                         "status": "running", "diverged": "0", "divergence_cause": "", "divergence_step": "-1",
                         **tags}
             run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
             log_params(client, run_id, params)
-        else:
+        run = cls(client, run_id)
+        if reopened and not run.ended:  # an ended run stays as it was: never reopened, never closed twice
             client.update_run(run_id, status="RUNNING")
             client.set_tag(run_id, "status", "running")
-        run = cls(client, run_id)
         run.log_seconds += time.perf_counter() - started
         return run
+
+    def final_result(self) -> dict[str, Any]:
+        """What an ended trial reported last (latest value of each metric, its divergence tags).
+
+        A driver killed just after a trial ended may restore it from an older snapshot of Tune's state; the
+        trial then hands Tune this instead of training again.
+        """
+        tags = self._recorded.tags
+        return {**self._recorded.metrics, "divergence_cause": tags.get("divergence_cause", ""),
+                "divergence_step": int(tags.get("divergence_step", -1))}
 
     def log_report(self, metrics: dict[str, Any]) -> bool:
         """Log each numeric value of a report at step = iteration; False when that step was logged before."""

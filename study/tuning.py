@@ -7,11 +7,13 @@ searcher learns the mean over seeds of each objective.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import optuna
+import pyarrow.fs
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -21,6 +23,7 @@ from study.spec import Bundle, Choice, LogUniform, RandInt, StudySpec, Uniform, 
 from trainables.config import parse_config
 
 METRIC, MODE = "objective", "min"
+CHECKPOINT_FOLDER = re.compile(r"checkpoint_(\d+)")  # how Tune names a trial's checkpoint folders
 
 
 class SeedReplicates(Repeater):
@@ -106,6 +109,61 @@ def trainable(run: Callable[..., None], spec: StudySpec, **parameters: Any) -> A
     return tune.with_resources(tune.with_parameters(run, **parameters), trial_resources(spec))
 
 
+class CheckpointRetention(tune.Callback):
+    """Deletes a trial's superseded checkpoints once no snapshot of the experiment state can name them.
+
+    Tune's own `CheckpointConfig(num_to_keep)` deletes the previous checkpoint before the next snapshot of
+    the experiment state is written: a driver killed in between leaves a snapshot naming a folder that is
+    gone, and `--resume` fails that trial ("Could not recover from checkpoint as it does not exist on
+    storage anymore").
+    Tune calls `get_state` right after it writes a snapshot; checkpoints older than the one the previous
+    snapshot named are then named by neither the snapshot on storage nor one still uploading to it.
+    """
+
+    def __init__(self) -> None:
+        self._trials: list[Any] = []
+        self._named_before: dict[str, int] = {}  # trial id -> checkpoint index the previous snapshot named
+        self._delete_below: dict[str, int] = {}  # trial id -> its checkpoints below this index can go
+        self._deleted_below: dict[str, int] = {}
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        self._trials = trials
+
+    def get_state(self) -> None:
+        named = {trial.trial_id: checkpoint_index(trial.checkpoint.path)
+                 for trial in self._trials if trial.checkpoint is not None}
+        self._delete_below.update(self._named_before)
+        self._named_before = named
+        return None  # nothing to restore: a resumed driver starts from what its snapshot names
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        self._delete(trials)
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        # Tune wrote (and uploaded: wait=True) a final snapshot just before: only what it names is needed.
+        self._delete_below.update(self._named_before)
+        self._delete(trials)
+
+    def _delete(self, trials: list[Any]) -> None:
+        for trial in trials:
+            below = self._delete_below.pop(trial.trial_id, 0)
+            if below > self._deleted_below.get(trial.trial_id, 0):
+                delete_checkpoints_below(trial.storage.storage_filesystem, trial.storage.trial_fs_path, below)
+                self._deleted_below[trial.trial_id] = below
+
+
+def checkpoint_index(path: str) -> int:
+    return int(CHECKPOINT_FOLDER.fullmatch(path.rstrip("/").rsplit("/", 1)[-1]).group(1))
+
+
+def delete_checkpoints_below(filesystem: pyarrow.fs.FileSystem, trial_path: str, index: int) -> None:
+    """Delete the trial's checkpoint folders numbered below index (on any storage Tune writes to)."""
+    for info in filesystem.get_file_info(pyarrow.fs.FileSelector(trial_path, allow_not_found=True)):
+        found = CHECKPOINT_FOLDER.fullmatch(info.base_name)
+        if info.type == pyarrow.fs.FileType.Directory and found and int(found.group(1)) < index:
+            filesystem.delete_dir(info.path)
+
+
 def build_tuner(spec: StudySpec, trainable_fn: Any, storage: str, ray_name: str,
                 callbacks: list[tune.Callback]) -> tune.Tuner:
     single = len(spec.search.objectives) == 1
@@ -118,9 +176,10 @@ def build_tuner(spec: StudySpec, trainable_fn: Any, storage: str, ray_name: str,
         reuse_actors=True,  # a new trial reuses a finished trial's process: no second torch import
     )
     run_config = tune.RunConfig(
-        name=ray_name, storage_path=storage, callbacks=callbacks, verbose=0,  # progress: study/progress.py
+        name=ray_name, storage_path=storage, callbacks=[*callbacks, CheckpointRetention()],
+        verbose=0,  # progress: study/progress.py
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # resume needs only the latest
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # CheckpointRetention deletes them, safely
     )
     return tune.Tuner(trainable_fn, param_space=param_space(spec), tune_config=tune_config,
                       run_config=run_config)

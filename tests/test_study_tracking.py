@@ -92,3 +92,27 @@ def test_finish_tags_a_divergence_as_a_result_not_a_failure(mlflow_server):
     assert {key: finished.data.tags[key] for key in keys} == {
         "status": "diverged", "diverged": "1", "divergence_cause": "grad_explosion", "divergence_step": "70",
         "role": "trial", "mlflow.parentRunId": parent}
+
+
+def test_an_ended_trial_run_is_not_reopened_and_hands_back_its_final_result(mlflow_server):
+    client = MlflowClient(mlflow_server)
+    experiment_id = client.create_experiment(f"ended-{time.time_ns()}")
+    parent = client.create_run(experiment_id).info.run_id
+    run = TrialRun.open(client, experiment_id, parent, "t_0003", None, run_name="r", tags={}, params={})
+    final = {"iteration": 70, "objective": 1e4, "diverged": 1, "divergence_cause": "nan_loss",
+             "divergence_step": 65, "done": 1}
+    run.log_report(final)
+    run.finish(final)
+    ended_at = client.get_run(run.run_id).info.end_time
+
+    # Restored from a snapshot of Tune's state older than its end: the same run, left as it ended.
+    again = TrialRun.open(client, experiment_id, parent, "t_0003", run.run_id, run_name="r", tags={},
+                          params={})
+    assert again.ended
+    after = client.get_run(run.run_id)
+    assert (after.info.status, after.info.end_time, after.data.tags["status"]) == ("FINISHED", ended_at,
+                                                                                  "diverged")
+    result = again.final_result()
+    expected = {"iteration": 70, "objective": 1e4, "diverged": 1, "divergence_cause": "nan_loss",
+                "divergence_step": 65}
+    assert {key: result[key] for key in expected} == expected
