@@ -3,10 +3,12 @@
 Every report goes to MLflow (step = iteration); only the reports that carry `objective` (evaluations and the
 final report) go to Tune, so ASHA and Optuna only ever see finite values. Checkpoints are Tune checkpoints of
 train's `workdir/checkpoint/` folder with the MLflow run id added, so a resumed trial continues its run.
+A pack (`pack_size` > 1) is one Tune trial running `train_pack()`: each member reports to its own MLflow run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from ray.tune.search.repeater import TRIAL_INDEX
 from study.spec import StudySpec, cell_key, trial_config
 from study.tracking import TrialRun, flatten
 from trainables.config import TrialConfig
+from trainables.packing import member_name, train_pack
 from trainables.train import train
 
 RUN_ID_FILE = "mlflow_run_id"  # written into each checkpoint folder
@@ -55,40 +58,31 @@ def absolute_paths(config: TrialConfig, cwd: Path) -> TrialConfig:
 
 
 def run_trial(config: dict[str, Any], context: StudyContext) -> None:
-    """The Tune function trainable: build the TrialConfig, open its MLflow run, train, report."""
+    """The Tune function trainable: one trial, or one pack of trials (`pack_size`), trained and reported."""
     spec = StudySpec.model_validate(context.spec)
-    point, seed = trial_point(spec, config)
+    if "pack" in config:
+        members = [(member["point"], member["seed"]) for member in config["pack"]]
+        if len(members) > 1:
+            run_pack(spec, members, context)
+            return
+        [(point, seed)] = members
+    else:
+        point, seed = trial_point(spec, config)
     trial = absolute_paths(trial_config(spec, point, seed), Path(context.cwd))
     tune_context = tune.get_context()
     trial_id = tune_context.get_trial_id()
     workdir = Path(tune_context.get_trial_dir()) / "work"
 
-    resume_from, run_id = None, None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        resume_from = Path(checkpoint.to_directory(str(workdir / "resume")))
-        run_id_file = resume_from / RUN_ID_FILE
-        run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
-
-    cell = cell_key(point)
-    # Where Ray placed the trial: the node and the GPUs it was given (fractional trials share one).
-    placement = {"node_id": ray.get_runtime_context().get_node_id(),
-                 "gpu_ids": ",".join(str(gpu) for gpu in ray.get_gpu_ids())}
-    tags = {"study": spec.name, "cell": cell, "seed": str(seed), **placement}
-    run = TrialRun.open(MlflowClient(context.tracking_uri), context.experiment_id, context.parent_run_id,
-                        trial_id, run_id, run_name=f"{cell},seed={seed}" if cell else f"seed={seed}",
-                        tags=tags, params=flatten(trial.model_dump(mode="json")))
+    resume_from = restored_checkpoint(workdir)
+    run_id_file = resume_from / RUN_ID_FILE if resume_from is not None else None
+    run_id = run_id_file.read_text().strip() if run_id_file is not None and run_id_file.is_file() else None
+    run = open_trial_run(spec, context, trial, point, seed, trial_id, run_id)
     if run.ended:
         tune.report({**run.final_result(), "mlflow_seconds": run.log_seconds})
         return
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
-        run.log_report(metrics)
-        if "objective" in metrics or checkpoint_dir is not None:  # evaluations write sample grids
-            run.log_new_artifacts(workdir, sorted(path for pattern in ARTIFACT_PATTERNS
-                                                  for path in workdir.glob(pattern)))
-        if metrics.get("done"):  # before tune.report: Tune may end the actor once it has the last result
-            run.finish(metrics)
+        log_to_run(run, workdir, metrics, checkpoint_dir)
         if checkpoint_dir is not None:
             (Path(checkpoint_dir) / RUN_ID_FILE).write_text(run.run_id)
         if "objective" not in metrics:
@@ -99,3 +93,83 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
         tune.report(result, checkpoint=tune_checkpoint)
 
     train(trial, report, workdir=workdir, resume_from=resume_from)
+
+
+def run_pack(spec: StudySpec, members: list[tuple[dict[str, Any], int]], context: StudyContext) -> None:
+    """K trials as one Tune trial (trainables/packing.py): each member its own MLflow run, Tune sees the pack.
+
+    Member k's run has trial_id `<Tune trial id>_<k>` and tags `pack` (the Tune trial id) and `pack_member`.
+    Tune gets the pack's results: iteration, it_per_s summed over the active members, the best member
+    objective, `diverged` (members diverged so far), `members_ended`, and the pack checkpoint.
+    """
+    trials = [absolute_paths(trial_config(spec, point, seed), Path(context.cwd)) for point, seed in members]
+    tune_context = tune.get_context()
+    trial_id = tune_context.get_trial_id()
+    workdir = Path(tune_context.get_trial_dir()) / "work"
+    resume_from = restored_checkpoint(workdir)
+    runs = [open_trial_run(spec, context, trial, point, seed, f"{trial_id}_{k}", None,
+                           pack_tags={"pack": trial_id, "pack_member": str(k)})
+            for k, (trial, (point, seed)) in enumerate(zip(trials, members, strict=True))]
+    objectives = {k: run.final_result()["objective"] for k, run in enumerate(runs)
+                  if run.ended and "objective" in run.final_result()}
+    diverged = {k for k, run in enumerate(runs) if run.ended and run.final_result().get("diverged")}
+    evaluated: list[int] = []  # members that reported an objective at the current logging step
+
+    def pack_result(metrics: dict[str, Any]) -> dict[str, Any]:
+        return {**metrics, "objective": min(objectives.values()), "diverged": len(diverged),
+                "members_ended": sum(run.ended for run in runs),
+                "mlflow_seconds": sum(run.log_seconds for run in runs)}
+
+    if all(run.ended for run in runs):
+        iteration = max(int(run.final_result().get("iteration", 0)) for run in runs)
+        tune.report(pack_result({"iteration": iteration, "pack_size": len(runs)}))
+        return
+
+    def member_report(k: int) -> Callable[..., None]:
+        def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+            log_to_run(runs[k], workdir / member_name(k), metrics, checkpoint_dir)
+            if "objective" in metrics:
+                objectives[k] = metrics["objective"]
+                evaluated.append(k)
+            if metrics.get("diverged"):
+                diverged.add(k)
+        return report
+
+    def pack_report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        # Only results with an objective reach Tune (a checkpoint step is an evaluation step: validate_study).
+        if objectives and (evaluated or checkpoint_dir is not None):
+            tune_checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+            tune.report(pack_result(metrics), checkpoint=tune_checkpoint)
+        evaluated.clear()
+
+    train_pack(trials, [member_report(k) for k in range(len(runs))], workdir=workdir,
+               resume_from=resume_from, pack_report=pack_report)
+
+
+def restored_checkpoint(workdir: Path) -> Path | None:
+    """The folder of the checkpoint Tune restores this trial from (a retry or `--resume`), if any."""
+    checkpoint = tune.get_checkpoint()
+    return Path(checkpoint.to_directory(str(workdir / "resume"))) if checkpoint is not None else None
+
+
+def open_trial_run(spec: StudySpec, context: StudyContext, trial: TrialConfig, point: dict[str, Any],
+                   seed: int, trial_id: str, run_id: str | None,
+                   pack_tags: dict[str, str] | None = None) -> TrialRun:
+    cell = cell_key(point)
+    # Where Ray placed the trial: the node and the GPUs it was given (fractional trials share one).
+    placement = {"node_id": ray.get_runtime_context().get_node_id(),
+                 "gpu_ids": ",".join(str(gpu) for gpu in ray.get_gpu_ids())}
+    tags = {"study": spec.name, "cell": cell, "seed": str(seed), **placement, **(pack_tags or {})}
+    return TrialRun.open(MlflowClient(context.tracking_uri), context.experiment_id, context.parent_run_id,
+                         trial_id, run_id, run_name=f"{cell},seed={seed}" if cell else f"seed={seed}",
+                         tags=tags, params=flatten(trial.model_dump(mode="json")))
+
+
+def log_to_run(run: TrialRun, workdir: Path, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+    """One report of a trial to its MLflow run: metrics, new sample grids and events, the end."""
+    run.log_report(metrics)
+    if "objective" in metrics or checkpoint_dir is not None:  # evaluations write sample grids
+        run.log_new_artifacts(workdir, sorted(path for pattern in ARTIFACT_PATTERNS
+                                              for path in workdir.glob(pattern)))
+    if metrics.get("done"):  # before tune.report: Tune may end the actor once it has the last result
+        run.finish(metrics)

@@ -25,26 +25,34 @@ class TrialStatusCallback(tune.Callback):
         self.ended = 0
 
     def _close_run(self, trial: Any, status: str, mlflow_status: str) -> bool:
-        """Close the trial's run if the trial could not; True when it did."""
+        """Close the trial's runs (a pack's: each member's) if the trial could not; True when it did."""
         client = MlflowClient(self.tracking_uri)
-        run_id = find_trial_run(client, self.experiment_id, self.parent_run_id, trial.trial_id)
-        if run_id is None:
-            return False
-        if client.get_run(run_id).data.tags.get("status") != "running":  # the trial closed it itself
-            return False
-        client.set_tag(run_id, "status", status)
-        if status == "finished":
-            client.set_tag(run_id, "stopped_early", "1")
-        client.set_terminated(run_id, mlflow_status)
-        return True
+        members = trial.config.get("pack", [None])
+        trial_ids = [f"{trial.trial_id}_{k}" for k in range(len(members))] if len(members) > 1 else [
+            trial.trial_id]
+        closed = False
+        for trial_id in trial_ids:
+            run_id = find_trial_run(client, self.experiment_id, self.parent_run_id, trial_id)
+            if run_id is None or client.get_run(run_id).data.tags.get("status") != "running":
+                continue  # not started, or the trial closed it itself
+            client.set_tag(run_id, "status", status)
+            if status == "finished":
+                client.set_tag(run_id, "stopped_early", "1")
+            client.set_terminated(run_id, mlflow_status)
+            closed = True
+        return closed
 
     def _describe(self, trial: Any) -> str:
-        point = trial.config.get("point", {})
-        seed = trial.config.get("seed", self.seeds[trial.config.get("__trial_index__", 0)])
-        return ",".join([f"{name}={point[name]}" for name in sorted(point)] + [f"seed={seed}"])
+        members = trial.config.get("pack", [trial.config])
+        described = []
+        for member in members:
+            point = member.get("point", {})
+            seed = member.get("seed", self.seeds[trial.config.get("__trial_index__", 0)])
+            described.append(",".join([f"{name}={point[name]}" for name in sorted(point)] + [f"seed={seed}"]))
+        return described[0] if len(described) == 1 else f"pack of {len(described)} [{'; '.join(described)}]"
 
     def _print(self, trial: Any, ending: str) -> None:
-        self.ended += 1
+        self.ended += len(trial.config.get("pack", [None]))
         result = trial.last_result or {}
         objective = result.get("objective")
         shown = f"objective {objective:.4g}" if isinstance(objective, int | float) else "no objective"
@@ -65,7 +73,12 @@ class TrialStatusCallback(tune.Callback):
         if self._close_run(trial, "finished", "FINISHED"):
             self._print(trial, "stopped early by the scheduler")
         else:
-            self._print(trial, "diverged" if (trial.last_result or {}).get("diverged") else "finished")
+            result, members = trial.last_result or {}, len(trial.config.get("pack", [None]))
+            if members > 1:
+                diverged = int(result.get("diverged", 0))
+                self._print(trial, f"{members - diverged} finished, {diverged} diverged")
+            else:
+                self._print(trial, "diverged" if result.get("diverged") else "finished")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._close_run(trial, "failed", "FAILED")

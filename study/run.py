@@ -23,7 +23,15 @@ import os  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-from study.spec import StudyError, StudySpec, cell_key, expand_grid, load_spec, trial_config  # noqa: E402
+from study.spec import (  # noqa: E402
+    StudyError,
+    StudySpec,
+    cell_key,
+    expand_grid,
+    grid_packs,
+    load_spec,
+    trial_config,
+)
 from study.tracking import (  # noqa: E402
     check_storage,
     check_tracking_uri,
@@ -67,6 +75,10 @@ def print_plan(spec: StudySpec, preset: str, tracking_uri: str, storage: str) ->
     if spec.search.kind == "grid":
         print(f"{count} trials ({count // len(spec.seeds)} cells x {len(spec.seeds)} seeds): "
               f"{count * resources['cpu']:g} CPU and {count * resources['gpu']:g} GPU trial-slots in all")
+        if spec.pack_size > 1:
+            packs = grid_packs(spec)
+            print(f"packed: {len(packs)} Ray trials of up to {spec.pack_size} trials each (sizes "
+                  f"{', '.join(str(len(pack)) for pack in packs)}), each with the resources above")
         for index, (point, seed) in enumerate(expand_grid(spec)):
             config = trial_config(spec, point, seed)
             fields = " ".join(f"{name}={getattr(config, name)}" for name in SHOWN_FIELDS)
@@ -167,18 +179,14 @@ def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str, res
         cpu_started = time.process_time()
         results = tuner.fit()
         driver_cpu_s = time.process_time() - cpu_started
-        # Ray marks `done` on trials whose function returned; an interrupt (Ctrl+C) leaves the rest without.
-        # A trial that ended just before its driver was killed is restored without `done`, but its last
-        # result is its final report, the only one that carries `divergence_step` (trainables/train.py).
-        ended = sum(1 for result in results if result.error is None
-                    and (result.metrics.get("done") or "divergence_step" in result.metrics))
-        unfinished = (trial_count(spec) or len(results)) - ended - len(results.errors)
-        status = "finished" if unfinished == 0 and not results.errors else "failed"
+        ended, failed = tally(results)
+        unfinished = (trial_count(spec) or len(results)) - ended - failed
+        status = "finished" if unfinished == 0 and not failed else "failed"
     finally:
         finish_parent_run(client, parent_run_id, status)
 
     frame = results.get_dataframe() if len(results) else None
-    print(summarize(frame, ended, len(results.errors)), flush=True)
+    print(summarize(frame, ended, failed), flush=True)
     if frame is not None and "mlflow_seconds" in frame:
         print(overhead(frame, driver_cpu_s), flush=True)
     if unfinished > 0:
@@ -188,6 +196,23 @@ def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str, res
         print(f"report: {report}", flush=True)
     print(f"browse: mlflow ui --backend-store-uri {tracking_uri}", flush=True)
     return 0 if status == "finished" else 1
+
+
+def tally(results: Any) -> tuple[int, int]:
+    """(trials ended, trials failed) of a study's Tune results; a pack counts its members."""
+    ended = failed = 0
+    for result in results:
+        members = len(result.config.get("pack", [None]))
+        if result.error is not None:
+            failed += members
+        elif members > 1:  # a pack's every result counts its members ended so far (study/adapter.py)
+            ended += int(result.metrics.get("members_ended", 0))
+        # Ray marks `done` on trials whose function returned; an interrupt (Ctrl+C) leaves the rest without.
+        # A trial that ended just before its driver was killed is restored without `done`, but its last
+        # result is its final report, the only one that carries `divergence_step` (trainables/train.py).
+        elif result.metrics.get("done") or "divergence_step" in result.metrics:
+            ended += 1
+    return ended, failed
 
 
 def summarize(frame: Any, ended: int, errors: int) -> str:

@@ -1,8 +1,9 @@
 """A study spec: what to sweep, how to search, where to run and track. Validated whole before anything starts.
 
 A spec is a YAML file or a shipped preset (study/presets/NAME.yaml). `load_spec(name_or_path, overrides)`
-returns a `StudySpec`; `expand_grid(spec)` lists the trials of a grid study. Every error is a `StudyError`
-whose message names the field (`axes.g_lr`, `resources.gpu`, `base.n_dis`) and the valid values.
+returns a `StudySpec`; `expand_grid(spec)` lists the trials of a grid study and `grid_packs(spec)` groups
+them into packs of up to `pack_size` that train as one computation (trainables/packing.py). Every error is a
+`StudyError` whose message names the field (`axes.g_lr`, `resources.gpu`, `base.n_dis`) and the valid values.
 
 Axes are one of:
 - a list of values: a grid axis (for random / Optuna search: a categorical choice);
@@ -18,6 +19,7 @@ axis of the spec: `seeds` gives the replicates of every cell.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from importlib import resources
 from pathlib import Path
@@ -36,6 +38,8 @@ from pydantic import (
 )
 
 from trainables.config import (
+    PACK_MEMBER_FIELDS,
+    PACKED_LOSSES,
     ConfigError,
     TrialConfig,
     describe_validation_error,
@@ -166,6 +170,7 @@ class StudySpec(StrictModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_concurrent: int | None = Field(None, ge=1)  # None: as many as the resources allow
     max_failures: int = Field(2, ge=0)  # retries of a failed trial, each from its last checkpoint
+    pack_size: int = Field(1, ge=1)  # grid only: up to this many compatible trials train as one Ray trial
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     storage: str | None = None  # Ray results: local/NFS path or s3://; None: $GAN_STABILITY_STORAGE or ./runs
@@ -256,6 +261,24 @@ def expand_grid(spec: StudySpec) -> list[tuple[dict[str, Any], int]]:
     return [(point, seed) for point in points for seed in spec.seeds]
 
 
+def grid_packs(spec: StudySpec) -> list[list[tuple[dict[str, Any], int]]]:
+    """The grid's trials in packs of up to `pack_size`, each pack one computation (trainables/packing.py).
+
+    Trials pack together when their configs differ only in PACK_MEMBER_FIELDS (learning rates, betas, scale,
+    seed) and their loss packs; any other trial is a pack of one. Grid order is kept within each group.
+    """
+    groups: dict[str, list[tuple[dict[str, Any], int]]] = {}
+    for index, (point, seed) in enumerate(expand_grid(spec)):
+        config = trial_config(spec, point, seed)
+        if spec.pack_size > 1 and config.loss in PACKED_LOSSES:
+            key = json.dumps(config.model_dump(mode="json", exclude=set(PACK_MEMBER_FIELDS)), sort_keys=True)
+        else:
+            key = f"alone {index}"
+        groups.setdefault(key, []).append((point, seed))
+    return [members[start:start + spec.pack_size] for members in groups.values()
+            for start in range(0, len(members), spec.pack_size)]
+
+
 def corner_points(spec: StudySpec) -> list[tuple[str, dict[str, Any]]]:
     """(axis, point) pairs that test each axis's every listed value and each distribution's bounds alone."""
     corners = []
@@ -314,6 +337,12 @@ def validate_study(spec: StudySpec) -> None:
         errors.append(f"budget: a {search.kind} search needs budget.samples or budget.time_s")
     if search.kind == "grid" and spec.budget.samples is not None:
         errors.append("budget.samples: a grid runs each of its cells; samples applies to random or optuna")
+    if spec.pack_size > 1 and search.kind != "grid":
+        errors.append(f"pack_size: packs are formed from a grid's cells; a {search.kind} search suggests one "
+                      "trial at a time, so it needs pack_size 1")
+    if spec.pack_size > 1 and spec.scheduler is not None:
+        errors.append("pack_size: ASHA stops whole Ray trials, not the members of a pack; drop the scheduler "
+                      "or use pack_size 1")
     if spec.scheduler is not None and len(search.objectives) > 1:
         errors.append("scheduler: ASHA stops trials on one metric; drop it for a multi-objective search")
     if errors:

@@ -262,6 +262,8 @@ class TrialRun:
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Tags from the final report; the run ends FINISHED (a divergence is a result, not a failure)."""
+        if self.ended:  # a resumed trial reports its summary again: the run already holds it
+            return
         started = time.perf_counter()
         diverged = int(summary.get("diverged", 0))
         tags = {"status": "diverged" if diverged else "finished", "diverged": str(diverged),
@@ -269,4 +271,5 @@ class TrialRun:
                 "divergence_step": str(int(summary.get("divergence_step", -1)))}
         self.client.log_batch(self.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
         self.client.set_terminated(self.run_id, "FINISHED")
+        self.ended = True
         self.log_seconds += time.perf_counter() - started

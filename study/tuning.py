@@ -1,6 +1,7 @@
 """A study as a Ray Tune Tuner: search space, searcher, scheduler, resources, run and failure configs.
 
-Grid: `tune.grid_search` over the expanded points times a `seed` grid axis. Random and Optuna: an Optuna
+Grid: `tune.grid_search` over the expanded points times a `seed` grid axis, or with `pack_size` > 1 over the
+packs of `grid_packs` (a Tune trial per pack, an MLflow run per member). Random and Optuna: an Optuna
 searcher (RandomSampler, TPE or CMA-ES) wrapped so that each suggested point runs once per seed and the
 searcher learns the mean over seeds of each objective.
 """
@@ -19,7 +20,17 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.repeater import Repeater
 
-from study.spec import Bundle, Choice, LogUniform, RandInt, StudySpec, Uniform, axis_values, expand_grid
+from study.spec import (
+    Bundle,
+    Choice,
+    LogUniform,
+    RandInt,
+    StudySpec,
+    Uniform,
+    axis_values,
+    expand_grid,
+    grid_packs,
+)
 from trainables.config import parse_config
 
 METRIC, MODE = "objective", "min"
@@ -55,6 +66,9 @@ def tune_domain(axis: Any) -> Any:
 
 
 def param_space(spec: StudySpec) -> dict[str, Any]:
+    if spec.search.kind == "grid" and spec.pack_size > 1:  # one Tune trial per pack: its members' points
+        packs = [[{"point": point, "seed": seed} for point, seed in pack] for pack in grid_packs(spec)]
+        return {"pack": tune.grid_search(packs)}
     if spec.search.kind == "grid":
         points = [point for point, seed in expand_grid(spec) if seed == spec.seeds[0]]
         return {"point": tune.grid_search(points), "seed": tune.grid_search(spec.seeds)}

@@ -200,6 +200,41 @@ def test_sigkilled_trial_worker_resumes_from_its_checkpoint_in_the_same_mlflow_r
     assert "1 failed" not in study.output() and "0 failed" in study.output()
 
 
+@pytest.mark.slow
+def test_sigkilled_pack_worker_resumes_every_member_from_the_pack_checkpoint(studies, mlflow_server,
+                                                                             tmp_path):
+    study = Study(tmp_path, "name: pack-kill\n" + TINY_BASE % 100
+                  + "axes:\n  g_lr: [1.0e-4, 2.0e-4, 4.0e-4]\nseeds: 1\npack_size: 3\n", mlflow_server)
+    studies.append(study)
+    client = MlflowClient(mlflow_server)
+    study.start()
+
+    def members_past_a_checkpoint():  # iteration 35 logged by every member, the pack checkpoint of 30 behind
+        study.watch()
+        runs = trial_runs(client, "pack-kill")
+        workers = trial_workers(study.process.pid)
+        ready = len(runs) == 3 and all(run.data.metrics.get("iteration", 0) >= 35 for run in runs)
+        return (runs, workers) if ready and len(workers) == 1 else None
+
+    before, [worker] = wait_for(members_past_a_checkpoint, 300, "the pack did not reach iteration 35")
+    os.kill(worker, signal.SIGKILL)
+    assert study.wait(timeout=420) == 0, study.output()
+
+    runs = trial_runs(client, "pack-kill")
+    assert sorted(run.info.run_id for run in runs) == sorted(run.info.run_id for run in before)  # same runs
+    for run in runs:
+        assert_every_step_once(client, run, 100)
+    [trial_dir] = (tmp_path / "ray").glob("pack-kill-*/trial_*")
+    # The pack's results as the driver printed them: 10, 20, 30 from the killed attempt, then 40... from the
+    # retry: it resumed at 30, not at 0.
+    printed = study.logs[0].read_text().splitlines()
+    iterations = [int(line.rsplit(": iteration ", 1)[1].split(",")[0]) for line in printed
+                  if line.startswith("  pack of 3 ") and ": iteration " in line]
+    assert iterations == list(range(10, 101, 10)), iterations
+    assert (trial_dir / "work" / "resume" / "member_2" / "state.pt").is_file()  # from Tune's pack checkpoint
+    assert "3 trials ended: 3 finished, 0 diverged, 0 failed" in study.output()
+
+
 # ---- 2. the driver SIGKILLed mid-study, then --resume -----------------------------------------------------
 
 @pytest.mark.slow

@@ -59,6 +59,43 @@ def test_small_study_writes_a_parent_run_and_one_child_run_per_trial(ray_local, 
         assert "events.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
 
 
+@pytest.mark.slow
+def test_packed_study_runs_a_tune_trial_per_pack_and_an_mlflow_run_per_member(ray_local, mlflow_server,
+                                                                              tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "packed.yaml"
+    spec.write_text("name: packed\n" + TINY_BASE % 20 + "axes:\n  g_lr: [1.0e-4, 2.0e-4, 5.0e-4]\n"
+                    "  variant: [sn, bsn]\nseeds: 1\npack_size: 3\n")
+    argv = ["--study", str(spec), "--tracking-uri", mlflow_server, "--storage", str(tmp_path / "ray")]
+    assert main(argv) == 0
+    assert "6 trials ended: 6 finished, 0 diverged, 0 failed" in capsys.readouterr().out
+    assert len(list((tmp_path / "ray").glob("packed-*/trial_*"))) == 2  # one Tune trial per variant
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("packed")
+    [parent] = client.search_runs([experiment.experiment_id], "tags.role = 'study'")
+    assert parent.data.tags["status"] == "finished"
+    children = child_runs(client, experiment.experiment_id, parent.info.run_id)
+    assert sorted(run.data.tags["cell"] for run in children) == sorted(
+        f"g_lr={lr},variant={variant}" for lr in ("0.0001", "0.0002", "0.0005") for variant in ("bsn", "sn"))
+    packs: dict[str, list] = {}
+    for run in children:
+        tags = run.data.tags
+        packs.setdefault(tags["pack"], []).append(run)
+        assert tags["trial_id"] == f"{tags['pack']}_{tags['pack_member']}"
+        assert (tags["status"], run.info.status, tags["diverged"]) == ("finished", "FINISHED", "0")
+        assert run.data.params["g_lr"] == tags["cell"].split(",")[0].removeprefix("g_lr=")
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_d")] == [5, 10, 15, 20]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "objective")] == [10, 20]
+        samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+        assert samples == ["samples/iter_0000010.png", "samples/iter_0000020.png"]
+    assert sorted(sorted(run.data.tags["pack_member"] for run in members) for members in packs.values()) == [
+        ["0", "1", "2"], ["0", "1", "2"]]
+    for members in packs.values():  # a pack shares its variant; its members differ in g_lr
+        assert len({run.data.params["variant"] for run in members}) == 1
+        assert len({run.data.params["g_lr"] for run in members}) == 3
+
+
 def wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

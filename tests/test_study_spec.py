@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from study.spec import StudyError, cell_key, expand_grid, load_spec, preset_names, trial_config
+from study.spec import (
+    StudyError,
+    cell_key,
+    expand_grid,
+    grid_packs,
+    load_spec,
+    preset_names,
+    trial_config,
+)
 
 PAPER_SCALES = [0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.4, 2.6, 2.8, 3.0, 3.2, 3.4, 3.6, 3.8, 4.0]
 
@@ -116,6 +124,10 @@ def test_set_overrides_nested_fields_and_seed_count_means_a_range():
     (["axes.beta1=3"], "axes.beta1: an axis is a list of values, {dist: loguniform|uniform|randint|choice"),
     (["axes.variant=[sn, spectral]"], "(trial beta1=0.0,lr=1e-4,variant=spectral and 11 more)"),
     (["seeds=[1, 1]"], "seeds: seeds must be distinct, got [1, 1]"),
+    (["pack_size=0"], "pack_size: Input should be greater than or equal to 1"),
+    (["pack_size=4", "search.kind=random", "budget.samples=4"],
+     "pack_size: packs are formed from a grid's cells; a random search suggests one trial at a time"),
+    (["pack_size=4", "scheduler={grace_period: 10}"], "pack_size: ASHA stops whole Ray trials"),
 ])
 def test_bad_spec_is_refused_naming_the_field(overrides, named):
     with pytest.raises(StudyError) as error:
@@ -144,3 +156,34 @@ def test_search_distribution_bounds_are_checked_against_the_trial_config(tmp_pat
                                 "search: {kind: random}\nbudget: {samples: 4}\n")
     with pytest.raises(StudyError, match=r"beta1: Adam beta must lie in \[0, 1\), got 1.0 \(trial beta1=1.0"):
         load_spec(path)
+
+
+def test_grid_packs_group_trials_that_differ_only_in_member_fields():
+    # default: lr {1e-4, 1e-3, 1e-2} x beta1 {0, 0.5} x variant {none, sn, bssn} x 2 seeds = 36 trials.
+    spec, _ = load_spec("default", ["pack_size=5"])
+    packs = grid_packs(spec)
+    configs = [[trial_config(spec, point, seed) for point, seed in pack] for pack in packs]
+    assert [len(pack) for pack in packs] == [5, 5, 2] * 3  # 12 trials per variant: 5 + 5 + 2
+    for pack in configs:  # one variant per pack; lrs, betas and seeds vary within it
+        assert len({config.variant for config in pack}) == 1
+        shared = {config.model_dump_json(exclude={"g_lr", "d_lr", "beta1", "beta2", "scale", "seed",
+                                                  "divergence"}) for config in pack}
+        assert len(shared) == 1
+    assert sorted((point["variant"], point["lr"], point["beta1"], seed) for pack in packs
+                  for point, seed in pack) == sorted((point["variant"], point["lr"], point["beta1"], seed)
+                                                     for point, seed in expand_grid(spec))
+    assert grid_packs(load_spec("default")[0]) == [[trial] for trial in expand_grid(spec)]  # pack_size 1
+
+
+def test_grid_packs_leave_unpackable_losses_and_differing_widths_apart(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nbase: {dataset: digits, device: cpu}\n"
+                    "axes:\n  loss: [hinge, wgan_gp]\n  width: [0.25, 0.5]\n  g_lr: [1.0e-4, 2.0e-4]\n"
+                    "seeds: 1\npack_size: 8\n")
+    spec, _ = load_spec(str(path))
+    packs = [[(point["loss"], point["width"], point["g_lr"]) for point, _ in pack]
+             for pack in grid_packs(spec)]
+    assert packs == [[("hinge", 0.25, 1e-4), ("hinge", 0.25, 2e-4)],
+                     [("hinge", 0.5, 1e-4), ("hinge", 0.5, 2e-4)],
+                     [("wgan_gp", 0.25, 1e-4)], [("wgan_gp", 0.25, 2e-4)],
+                     [("wgan_gp", 0.5, 1e-4)], [("wgan_gp", 0.5, 2e-4)]]

@@ -27,6 +27,10 @@ DIVERGENCE_CAUSES = (
 )
 # The paper trains the learned-gamma SN baselines with WGAN-GP; every other variant with the hinge loss.
 GAMMA_VARIANTS = ("sn_gamma_shared", "sn_gamma_layer")
+# Trial packing (trainables/packing.py): the fields in which the members of a pack may differ (every other
+# field is shared), and the losses that pack (WGAN-GP's penalty needs D's input gradient inside vmap).
+PACK_MEMBER_FIELDS = ("g_lr", "d_lr", "beta1", "beta2", "scale", "seed", "divergence")
+PACKED_LOSSES = ("hinge", "non_saturating")
 # Resolutions each architecture is built for (SNGAN's standard CNN: mg = 4, 6, 8; ResNet: 32 and 128 px).
 RESOLUTIONS = {"standard_cnn": (32, 48, 64), "resnet": (32, 128)}
 

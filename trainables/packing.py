@@ -41,7 +41,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from trainables.config import GAMMA_VARIANTS, SCALED_VARIANTS, ConfigError, TrialConfig, parse_config
+from trainables.config import (
+    GAMMA_VARIANTS,
+    PACK_MEMBER_FIELDS,
+    PACKED_LOSSES,
+    SCALED_VARIANTS,
+    ConfigError,
+    TrialConfig,
+    parse_config,
+)
 from trainables.data import BatchSampler, load_images, real_images
 from trainables.diagnostics import (
     gradient_norms,
@@ -64,9 +72,6 @@ from trainables.train import (
     resolve_device,
 )
 
-# The fields in which the members of a pack may differ; every other field is shared.
-MEMBER_FIELDS = ("g_lr", "d_lr", "beta1", "beta2", "scale", "seed", "divergence")
-PACKED_LOSSES = ("hinge", "non_saturating")
 ADAM_EPS = 1e-8  # torch.optim.Adam's default, as train.py uses it
 PACK_CHECKPOINT = "checkpoint"  # folder under workdir: member_<k>/state.pt for every member
 
@@ -78,7 +83,7 @@ def member_name(k: int) -> str:
 def check_pack(configs: list[TrialConfig | dict]) -> list[TrialConfig]:
     """Validate each config, then that they can share one computation; ConfigError naming the field.
 
-    Members may differ only in MEMBER_FIELDS; the loss must be one of PACKED_LOSSES.
+    Members may differ only in PACK_MEMBER_FIELDS; the loss must be one of PACKED_LOSSES.
     """
     if not isinstance(configs, list | tuple) or not configs:
         raise ConfigError("configs: a pack needs a non-empty list of trial configs")
@@ -95,14 +100,14 @@ def check_pack(configs: list[TrialConfig | dict]) -> list[TrialConfig]:
             f"configs[0].loss: {first.loss!r}{implied} cannot be packed: WGAN-GP's penalty needs D's input "
             f"gradient inside vmap; packing supports the losses {', '.join(PACKED_LOSSES)}, or train these "
             "one by one with train()")
-    shared = first.model_dump(exclude=set(MEMBER_FIELDS))
+    shared = first.model_dump(exclude=set(PACK_MEMBER_FIELDS))
     for k, config in enumerate(parsed[1:], start=1):
-        other = config.model_dump(exclude=set(MEMBER_FIELDS))
+        other = config.model_dump(exclude=set(PACK_MEMBER_FIELDS))
         for name, value in shared.items():
             if other[name] != value:
                 raise ConfigError(
                     f"configs[{k}].{name}: {other[name]!r} differs from configs[0].{name} = {value!r}; the "
-                    f"members of a pack may differ only in {', '.join(MEMBER_FIELDS)}")
+                    f"members of a pack may differ only in {', '.join(PACK_MEMBER_FIELDS)}")
     return parsed
 
 
@@ -451,7 +456,7 @@ def train_pack(configs: list[TrialConfig | dict], reports: list[Report], *, work
                pack_report: Report | None = None) -> list[dict[str, Any]]:
     """Train K compatible configurations as one batched computation; return each member's summary, in order.
 
-    configs: K trial configs that differ only in MEMBER_FIELDS (ConfigError naming the field otherwise).
+    configs: K trial configs that differ only in PACK_MEMBER_FIELDS (ConfigError naming the field otherwise).
     reports: K callables `report(metrics, checkpoint_dir)`, member k's channel out, with train.py's contract
         and keys; checkpoint_dir is `workdir/checkpoint/member_<k>`, a train.py checkpoint folder.
     workdir: receives `member_<k>/samples/`, `member_<k>/events.json` and the pack checkpoint `checkpoint/`.
