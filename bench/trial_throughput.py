@@ -1,9 +1,10 @@
 """One trial's speed, and what FID-10k costs at the paper's schedule (not a timed test: prints figures).
 
-    python bench/trial_throughput.py [--device cuda] [--iters 200] [--inception-images 1000]
+    python bench/trial_throughput.py [--device cuda] [--iters 200] [--inception-images 1000] [--no-fid]
 
-1. `train()` of the standard CNN at 32 px, batch 64, for `sn` and `bssn`: iterations per second (one iteration
-   = n_dis D steps + 1 G step), read from the trial's own `it_per_s` reports after a warm-up window.
+1. `train()` of the standard CNN at 32 px, batch 64, for `sn` and `bssn`, eager and with `compile: true` (the
+   fast trial), in one run: iterations per second (one iteration = n_dis D steps + 1 G step), read from the
+   trial's own `it_per_s` reports after a warm-up window (which holds the compilation), and their ratio.
 2. One FID-10k evaluation: generating 10k images plus torch-fidelity's Inception forward on them (timed on
    `--inception-images` and scaled to 10k; the network is built with random weights, which costs the same as
    the real ones, so this runs offline), plus the 2048-d Fréchet distance. The real statistics are cached and
@@ -29,14 +30,14 @@ PAPER_EVAL_EVERY = 10_000  # the official code's FID schedule, in generator iter
 FID_GENERATED = 10_000
 
 
-def trial_speed(variant: str, args: argparse.Namespace, device: torch.device) -> float:
+def trial_speed(variant: str, args: argparse.Namespace, device: torch.device, compile: bool = False) -> float:
     """Iterations per second of one trial after its first logging window (warm-up) is dropped."""
     speeds: list[float] = []
     config = {
         "variant": variant, "scale": 1.5 if variant == "bssn" else 1.0, "width": args.width,
         "batch_size": args.batch_size, "n_dis": args.n_dis, "iterations": args.iters,
         "log_every": args.iters // 4, "eval_every": 10 * args.iters, "checkpoint_every": 10 * args.iters,
-        "eval_generated": 64, "eval_real": 64, "device": str(device),
+        "eval_generated": 64, "eval_real": 64, "device": str(device), "compile": compile,
     }
     with tempfile.TemporaryDirectory() as workdir:
         train(config, lambda metrics, checkpoint=None: speeds.append(metrics["it_per_s"]), workdir=workdir)
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--inception-images", type=int, default=200,
                         help="images timed through Inception, scaled to 10k")
+    parser.add_argument("--no-fid", action="store_true", help="time the trials only")
     args = parser.parse_args()
     device = resolve_device(args.device)
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -109,9 +111,14 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; standard CNN 32 px, width {args.width}, "
           f"batch {args.batch_size}, n_dis {args.n_dis}")
 
-    speeds = {variant: trial_speed(variant, args, device) for variant in ("sn", "bssn")}
-    for variant, speed in speeds.items():
-        print(f"  {variant:5s} {speed:8.2f} it/s")
+    speeds = {}
+    for variant in ("sn", "bssn"):
+        speeds[variant] = trial_speed(variant, args, device)
+        fast = trial_speed(variant, args, device, compile=True)
+        print(f"  {variant:5s} eager {speeds[variant]:8.2f} it/s; compiled {fast:8.2f} it/s; "
+              f"ratio {fast / speeds[variant]:5.2f}x (goal on an H100: >= 4x)")
+    if args.no_fid:
+        return
     parts = fid_cost(args, device)
     evaluation = sum(parts.values())
     print("FID-10k evaluation: " + ", ".join(f"{part} {seconds:.1f} s" for part, seconds in parts.items())

@@ -340,6 +340,9 @@ def validate_study(spec: StudySpec) -> None:
     if spec.pack_size > 1 and search.kind != "grid":
         errors.append(f"pack_size: packs are formed from a grid's cells; a {search.kind} search suggests one "
                       "trial at a time, so it needs pack_size 1")
+    if spec.pack_size > 1 and parse_config(merge(spec.base, {"seed": spec.seeds[0]})).compile:
+        errors.append("pack_size: a pack runs uncompiled, as one vmap over its members; set base.compile "
+                      "false or pack_size 1")
     if spec.pack_size > 1 and spec.scheduler is not None:
         errors.append("pack_size: ASHA stops whole Ray trials, not the members of a pack; drop the scheduler "
                       "or use pack_size 1")

@@ -128,6 +128,7 @@ def test_set_overrides_nested_fields_and_seed_count_means_a_range():
     (["pack_size=4", "search.kind=random", "budget.samples=4"],
      "pack_size: packs are formed from a grid's cells; a random search suggests one trial at a time"),
     (["pack_size=4", "scheduler={grace_period: 10}"], "pack_size: ASHA stops whole Ray trials"),
+    (["pack_size=4", "base.compile=true"], "pack_size: a pack runs uncompiled"),
 ])
 def test_bad_spec_is_refused_naming_the_field(overrides, named):
     with pytest.raises(StudyError) as error:

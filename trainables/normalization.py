@@ -56,7 +56,9 @@ from torch.nn.utils import parametrize
 
 from trainables.config import SCALED_VARIANTS, VARIANTS
 
-__all__ = ["VARIANTS", "frozen_parametrizations", "normalize", "spectral_report"]
+__all__ = [
+    "VARIANTS", "eager_power_iterations", "frozen_parametrizations", "normalize", "spectral_report",
+]
 
 LAYER_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 CONV_TYPES = (nn.Conv2d, nn.ConvTranspose2d)
@@ -467,6 +469,19 @@ def _conv_operator_sigma(layer: nn.Module, name: str, spectral: SpectralNormaliz
     if strict is None:
         spectral.conv_probe = u
     return sigma
+
+
+def eager_power_iterations(module: nn.Module) -> nn.Module:
+    """Keep the power iterations of `module`'s normalizations out of torch.compile's graphs (returns module).
+
+    Compiled inside the graph, a power iteration that updates u in place gets a wrong gradient through it
+    (3-10% off at initialisation: AOTAutograd's backward reads u after the update); everything around it still
+    compiles (trainables/train.py's `compile`; tests/test_normalization.py checks against finite differences).
+    """
+    for sub in module.modules():
+        if isinstance(sub, SigmaEstimator):
+            sub.forward = torch.compiler.disable(sub.forward)
+    return module
 
 
 @contextmanager

@@ -100,6 +100,9 @@ def check_pack(configs: list[TrialConfig | dict]) -> list[TrialConfig]:
             f"configs[0].loss: {first.loss!r}{implied} cannot be packed: WGAN-GP's penalty needs D's input "
             f"gradient inside vmap; packing supports the losses {', '.join(PACKED_LOSSES)}, or train these "
             "one by one with train()")
+    if first.compile:
+        raise ConfigError("configs[0].compile: a pack runs uncompiled (its vmap over members is what batches "
+                          "the small kernels); set compile: false, or train the trial alone with train()")
     shared = first.model_dump(exclude=set(PACK_MEMBER_FIELDS))
     for k, config in enumerate(parsed[1:], start=1):
         other = config.model_dump(exclude=set(PACK_MEMBER_FIELDS))
