@@ -11,6 +11,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from study.spec import cell_key
 from study.tracking import find_trial_run
 
 
@@ -27,12 +28,9 @@ class TrialStatusCallback(tune.Callback):
     def _close_run(self, trial: Any, status: str, mlflow_status: str) -> bool:
         """Close the trial's runs (a pack's: each member's) if the trial could not; True when it did."""
         client = MlflowClient(self.tracking_uri)
-        members = trial.config.get("pack", [None])
-        trial_ids = [f"{trial.trial_id}_{k}" for k in range(len(members))] if len(members) > 1 else [
-            trial.trial_id]
         closed = False
-        for trial_id in trial_ids:
-            run_id = find_trial_run(client, self.experiment_id, self.parent_run_id, trial_id)
+        for point, seed in self._members(trial):
+            run_id = find_trial_run(client, self.experiment_id, self.parent_run_id, cell_key(point), seed)
             if run_id is None or client.get_run(run_id).data.tags.get("status") != "running":
                 continue  # not started, or the trial closed it itself
             client.set_tag(run_id, "status", status)
@@ -42,13 +40,15 @@ class TrialStatusCallback(tune.Callback):
             closed = True
         return closed
 
+    def _members(self, trial: Any) -> list[tuple[dict[str, Any], int]]:
+        """(point, seed) of the trial, or of each member of a pack (a search's trial: its repeat index)."""
+        repeat = trial.config.get("__trial_index__", 0)
+        return [(member.get("point", {}), member.get("seed", self.seeds[repeat]))
+                for member in trial.config.get("pack", [trial.config])]
+
     def _describe(self, trial: Any) -> str:
-        members = trial.config.get("pack", [trial.config])
-        described = []
-        for member in members:
-            point = member.get("point", {})
-            seed = member.get("seed", self.seeds[trial.config.get("__trial_index__", 0)])
-            described.append(",".join([f"{name}={point[name]}" for name in sorted(point)] + [f"seed={seed}"]))
+        described = [",".join([f"{name}={point[name]}" for name in sorted(point)] + [f"seed={seed}"])
+                     for point, seed in self._members(trial)]
         return described[0] if len(described) == 1 else f"pack of {len(described)} [{'; '.join(described)}]"
 
     def _print(self, trial: Any, ending: str) -> None:

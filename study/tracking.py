@@ -180,10 +180,17 @@ def finish_parent_run(client: MlflowClient, run_id: str, status: str) -> None:
     client.set_terminated(run_id, "FINISHED" if status == "finished" else "FAILED")
 
 
-def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str) -> str | None:
+def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, cell: str,
+                   seed: int | str) -> str | None:
+    """The run of the study's trial (cell, seed): a trial's identity, whichever Tune trial runs it.
+
+    A driver restored from a snapshot of Tune's state older than its last trials re-creates them under new
+    Tune trial ids; they find their runs here and continue them (or, ended, hand back their result).
+    """
+    quoted = cell.replace("'", "\\'")
     runs = client.search_runs(
-        [experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.trial_id = '{trial_id}'",
-        max_results=1)
+        [experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.role = 'trial' and "
+        f"tags.cell = '{quoted}' and tags.seed = '{seed}'", max_results=1)
     return runs[0].info.run_id if runs else None
 
 
@@ -205,9 +212,9 @@ class TrialRun:
     @classmethod
     def open(cls, client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str,
              run_id: str | None, run_name: str, tags: dict[str, str], params: dict[str, str]) -> TrialRun:
-        """Continue run_id (from the checkpoint) or the trial's run under the parent, else create it."""
+        """Continue run_id (from the checkpoint) or the run of trial (tags cell, seed), else create it."""
         started = time.perf_counter()
-        run_id = run_id or find_trial_run(client, experiment_id, parent_run_id, trial_id)
+        run_id = run_id or find_trial_run(client, experiment_id, parent_run_id, tags["cell"], tags["seed"])
         reopened = run_id is not None
         if run_id is None:
             all_tags = {"mlflow.parentRunId": parent_run_id, "role": "trial", "trial_id": trial_id,
@@ -228,8 +235,9 @@ class TrialRun:
         A driver killed just after a trial ended may restore it from an older snapshot of Tune's state; the
         trial then hands Tune this instead of training again.
         """
-        tags = self._recorded.tags
-        return {**self._recorded.metrics, "divergence_cause": tags.get("divergence_cause", ""),
+        tags, metrics = self._recorded.tags, self._recorded.metrics
+        return {**metrics, "iteration": int(metrics.get("iteration", 0)),
+                "divergence_cause": tags.get("divergence_cause", ""),
                 "divergence_step": int(tags.get("divergence_step", -1))}
 
     def log_report(self, metrics: dict[str, Any]) -> bool:

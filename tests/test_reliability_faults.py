@@ -275,6 +275,44 @@ def test_sigkilled_driver_resumes_with_every_trial_once_and_no_finished_trial_re
             assert (run.info.end_time, steps(client, run)) == done_before[run.info.run_id]
 
 
+@pytest.mark.slow
+def test_sigkilled_driver_of_an_optuna_search_resumes_to_its_budget_with_every_trial_once(studies,
+                                                                                          mlflow_server,
+                                                                                          tmp_path):
+    study = Study(tmp_path, "name: optuna-kill\n" + TINY_BASE % 60
+                  + "axes:\n  g_lr: {dist: loguniform, low: 1.0e-4, high: 1.0e-3}\nseeds: 2\n"
+                  "search: {kind: optuna, seed: 3}\nbudget: {samples: 3}\nmax_concurrent: 1\n", mlflow_server)
+    studies.append(study)
+    client = MlflowClient(mlflow_server)
+    study.start()
+
+    def two_ended_one_running():
+        study.watch()
+        runs = trial_runs(client, "optuna-kill")
+        ended = [run for run in runs if run.data.tags["status"] in ("finished", "diverged")]
+        running = [run for run in runs if run.data.tags["status"] == "running"
+                   and run.data.metrics.get("iteration", 0) >= 15]
+        return ended if len(ended) >= 2 and running else None
+
+    ended = wait_for(two_ended_one_running, 300, "no two trials ended while a third ran")
+    os.kill(study.process.pid, signal.SIGKILL)
+    study.process.wait(timeout=30)
+    kill_all(sorted(study.ray_processes))
+    done_before = {run.info.run_id: (run.info.end_time, steps(client, run)) for run in ended}
+
+    study.start("--resume")
+    assert study.wait(timeout=420) == 0, study.output()
+    runs = trial_runs(client, "optuna-kill")
+    assert len(runs) == 6  # 3 points x 2 seeds: none lost, none run twice
+    points = {}
+    for run in runs:
+        assert_every_step_once(client, run, 60)
+        points.setdefault(run.data.params["g_lr"], []).append(run.data.params["seed"])
+        if run.info.run_id in done_before:
+            assert (run.info.end_time, steps(client, run)) == done_before[run.info.run_id]
+    assert sorted(sorted(seeds) for seeds in points.values()) == [["0", "1"]] * 3  # each point for both seeds
+
+
 # ---- 3. the MLflow server down mid-study, and down at the start -------------------------------------------
 
 @pytest.mark.slow
@@ -457,11 +495,14 @@ def test_exploding_lr_in_an_optuna_search_is_a_named_divergence_and_the_search_c
     assert study.wait(timeout=420) == 0, study.output()
     client = MlflowClient(mlflow_server)
     runs = trial_runs(client, "diverge-optuna")
-    assert len(runs) == 3
+    # Search seed 6 draws ok, ok, exploding. A trial is its (cell, seed): the second draw of ok for seed 0 is
+    # the same trial, so it hands Optuna the recorded result and trains nothing (the same config and seed
+    # would train the same run again).
+    assert len(runs) == 2
     by_label = {}
     for run in runs:
         by_label.setdefault(run.data.params["g_lr"], []).append(run)
-    assert sorted(by_label) == ["0.0002", "10.0"]  # search seed 6 draws ok, ok, exploding
+    assert sorted(by_label) == ["0.0002", "10.0"]
     for run in by_label["10.0"]:
         assert (run.data.tags["divergence_cause"], run.data.metrics["objective"]) == ("grad_explosion", 1e4)
     for run in by_label["0.0002"]:

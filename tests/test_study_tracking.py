@@ -66,12 +66,15 @@ def test_a_resumed_trial_run_never_logs_a_step_twice(mlflow_server):
     client = MlflowClient(mlflow_server)
     experiment_id = client.create_experiment(f"resume-{time.time_ns()}")
     parent = client.create_run(experiment_id).info.run_id
-    first = TrialRun.open(client, experiment_id, parent, "t_0001", None, run_name="r", tags={"cell": "c"},
+    first = TrialRun.open(client, experiment_id, parent, "t_0001", None, run_name="r",
+                          tags={"cell": "c", "seed": "0"},
                           params={"variant": "sn"})
     for step in (10, 20, 30):  # the crashed attempt logged step 30 after its checkpoint at 20
         assert first.log_report({"iteration": step, "loss_d": float(step), "divergence_cause": ""})
-    # No run id in hand (no checkpoint yet): the trial's run is found again by its Ray trial id.
-    again = TrialRun.open(client, experiment_id, parent, "t_0001", None, run_name="r", tags={}, params={})
+    # No run id in hand (no checkpoint yet), even a new Tune trial id (a driver restored from an older
+    # snapshot of Tune's state): the trial's run is found again by its cell and seed.
+    again = TrialRun.open(client, experiment_id, parent, "t_0009", None, run_name="r",
+                          tags={"cell": "c", "seed": "0"}, params={})
     assert again.run_id == first.run_id and again.last_step == 30
     logged = [again.log_report({"iteration": step, "loss_d": -1.0}) for step in (30, 40)]
     assert logged == [False, True]
@@ -84,7 +87,8 @@ def test_finish_tags_a_divergence_as_a_result_not_a_failure(mlflow_server):
     client = MlflowClient(mlflow_server)
     experiment_id = client.create_experiment(f"finish-{time.time_ns()}")
     parent = client.create_run(experiment_id).info.run_id
-    run = TrialRun.open(client, experiment_id, parent, "t_0002", None, run_name="r", tags={}, params={})
+    run = TrialRun.open(client, experiment_id, parent, "t_0002", None, run_name="r",
+                        tags={"cell": "c", "seed": "0"}, params={})
     run.finish({"iteration": 70, "diverged": 1, "divergence_cause": "grad_explosion", "divergence_step": 70})
     finished = client.get_run(run.run_id)
     assert finished.info.status == "FINISHED"
@@ -98,7 +102,8 @@ def test_an_ended_trial_run_is_not_reopened_and_hands_back_its_final_result(mlfl
     client = MlflowClient(mlflow_server)
     experiment_id = client.create_experiment(f"ended-{time.time_ns()}")
     parent = client.create_run(experiment_id).info.run_id
-    run = TrialRun.open(client, experiment_id, parent, "t_0003", None, run_name="r", tags={}, params={})
+    run = TrialRun.open(client, experiment_id, parent, "t_0003", None, run_name="r",
+                        tags={"cell": "c", "seed": "1"}, params={})
     final = {"iteration": 70, "objective": 1e4, "diverged": 1, "divergence_cause": "nan_loss",
              "divergence_step": 65, "done": 1}
     run.log_report(final)
@@ -106,8 +111,9 @@ def test_an_ended_trial_run_is_not_reopened_and_hands_back_its_final_result(mlfl
     ended_at = client.get_run(run.run_id).info.end_time
 
     # Restored from a snapshot of Tune's state older than its end: the same run, left as it ended.
-    again = TrialRun.open(client, experiment_id, parent, "t_0003", run.run_id, run_name="r", tags={},
-                          params={})
+    again = TrialRun.open(client, experiment_id, parent, "t_0004", None, run_name="r",
+                          tags={"cell": "c", "seed": "1"}, params={})
+    assert again.run_id == run.run_id
     assert again.ended
     after = client.get_run(run.run_id)
     assert (after.info.status, after.info.end_time, after.data.tags["status"]) == ("FINISHED", ended_at,
