@@ -164,6 +164,36 @@ def ray_results(trial_dir: Path) -> list[int]:
     return [json.loads(line)["iteration"] for line in lines if line.strip()]
 
 
+def killed_and_resumed(study: Study, client: MlflowClient, name: str, ended: int, iterations: int) -> list:
+    """Start the study, SIGKILL its driver and Ray once `ended` trials ended while another is past its first
+    checkpoint, `--resume` it; every trial's steps once, the ended ones untouched. Returns the trial runs."""
+
+    def enough_ended_one_running():
+        study.watch()
+        runs = trial_runs(client, name)
+        done = [run for run in runs if run.data.tags["status"] in ("finished", "diverged")]
+        running = [run for run in runs if run.data.tags["status"] == "running"
+                   and run.data.metrics.get("iteration", 0) >= 15]
+        return done if len(done) >= ended and running else None
+
+    study.start()
+    done = wait_for(enough_ended_one_running, 300, f"no {ended} trials ended while another checkpointed")
+    study.watch()
+    os.kill(study.process.pid, signal.SIGKILL)
+    study.process.wait(timeout=30)
+    kill_all(sorted(study.ray_processes))  # its orphaned Ray: a lost machine takes those with it
+    done_before = {run.info.run_id: (run.info.end_time, steps(client, run)) for run in done}
+
+    study.start("--resume")
+    assert study.wait(timeout=420) == 0, study.output()
+    runs = trial_runs(client, name)
+    for run in runs:
+        assert_every_step_once(client, run, iterations)
+        if run.info.run_id in done_before:  # ended before the kill: not run again, not even re-closed
+            assert (run.info.end_time, steps(client, run)) == done_before[run.info.run_id]
+    return runs
+
+
 # ---- 1. a trial's worker SIGKILLed mid-training ----------------------------------------------------------
 
 @pytest.mark.slow
@@ -244,35 +274,12 @@ def test_sigkilled_driver_resumes_with_every_trial_once_and_no_finished_trial_re
                   "seeds: 1\nmax_concurrent: 1\n", mlflow_server)
     studies.append(study)
     client = MlflowClient(mlflow_server)
-    study.start()
-
-    def one_finished_one_checkpointed():
-        study.watch()
-        runs = trial_runs(client, "driver-kill")
-        finished = [run for run in runs if run.data.tags["status"] in ("finished", "diverged")]
-        running = [run for run in runs if run.data.tags["status"] == "running"
-                   and run.data.metrics.get("iteration", 0) >= 15]
-        return (finished, running) if finished and running else None
-
-    finished, _ = wait_for(one_finished_one_checkpointed, 300, "no trial finished while another checkpointed")
-    study.watch()
-    os.kill(study.process.pid, signal.SIGKILL)
-    study.process.wait(timeout=30)
-    kill_all(sorted(study.ray_processes))  # its orphaned Ray: a lost machine takes those with it
-    done_before = {run.info.run_id: (run.info.end_time, steps(client, run)) for run in finished}
-
-    study.start("--resume")
-    assert study.wait(timeout=420) == 0, study.output()
-    runs = trial_runs(client, "driver-kill")
+    runs = killed_and_resumed(study, client, "driver-kill", ended=1, iterations=100)
     assert sorted(run.data.tags["cell"] for run in runs) == ["variant=bsn", "variant=none", "variant=sn"]
     experiment = client.get_experiment_by_name("driver-kill")
     [parent] = client.search_runs([experiment.experiment_id], "tags.role = 'study'")
     assert parent.data.tags["status"] == "finished" and parent.info.status == "FINISHED"
     assert {run.data.tags["mlflow.parentRunId"] for run in runs} == {parent.info.run_id}
-    for run in runs:
-        assert_every_step_once(client, run, 100)
-        if run.info.run_id in done_before:  # finished before the kill: not run again, not even re-closed
-            assert (run.info.end_time, steps(client, run)) == done_before[run.info.run_id]
 
 
 @pytest.mark.slow
@@ -284,32 +291,11 @@ def test_sigkilled_driver_of_an_optuna_search_resumes_to_its_budget_with_every_t
                   "search: {kind: optuna, seed: 3}\nbudget: {samples: 3}\nmax_concurrent: 1\n", mlflow_server)
     studies.append(study)
     client = MlflowClient(mlflow_server)
-    study.start()
-
-    def two_ended_one_running():
-        study.watch()
-        runs = trial_runs(client, "optuna-kill")
-        ended = [run for run in runs if run.data.tags["status"] in ("finished", "diverged")]
-        running = [run for run in runs if run.data.tags["status"] == "running"
-                   and run.data.metrics.get("iteration", 0) >= 15]
-        return ended if len(ended) >= 2 and running else None
-
-    ended = wait_for(two_ended_one_running, 300, "no two trials ended while a third ran")
-    os.kill(study.process.pid, signal.SIGKILL)
-    study.process.wait(timeout=30)
-    kill_all(sorted(study.ray_processes))
-    done_before = {run.info.run_id: (run.info.end_time, steps(client, run)) for run in ended}
-
-    study.start("--resume")
-    assert study.wait(timeout=420) == 0, study.output()
-    runs = trial_runs(client, "optuna-kill")
+    runs = killed_and_resumed(study, client, "optuna-kill", ended=2, iterations=60)
     assert len(runs) == 6  # 3 points x 2 seeds: none lost, none run twice
     points = {}
     for run in runs:
-        assert_every_step_once(client, run, 60)
         points.setdefault(run.data.params["g_lr"], []).append(run.data.params["seed"])
-        if run.info.run_id in done_before:
-            assert (run.info.end_time, steps(client, run)) == done_before[run.info.run_id]
     assert sorted(sorted(seeds) for seeds in points.values()) == [["0", "1"]] * 3  # each point for both seeds
 
 

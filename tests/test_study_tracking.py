@@ -19,6 +19,19 @@ from study.tracking import (
 )
 
 
+class Study:
+    """A fresh experiment with a parent run on the test's MLflow server; opens its trials' runs."""
+
+    def __init__(self, server: str):
+        self.client = MlflowClient(server)
+        self.experiment_id = self.client.create_experiment(f"study-{time.time_ns()}")
+        self.parent = self.client.create_run(self.experiment_id).info.run_id
+
+    def open(self, trial_id: str, seed: str = "0", run_id: str | None = None) -> TrialRun:
+        return TrialRun.open(self.client, self.experiment_id, self.parent, trial_id, run_id, run_name="r",
+                             tags={"cell": "c", "seed": seed}, params={"variant": "sn"})
+
+
 def test_flatten_gives_dotted_keys_and_json_lists():
     assert flatten({"divergence": {"grad_explosion": 1e4}, "metrics": ["fid", "is"], "variant": "sn"}) == {
         "divergence.grad_explosion": "10000.0", "metrics": '["fid", "is"]', "variant": "sn"}
@@ -63,18 +76,14 @@ def test_parent_run_carries_role_preset_axes_versions_and_the_spec(mlflow_server
 
 
 def test_a_resumed_trial_run_never_logs_a_step_twice(mlflow_server):
-    client = MlflowClient(mlflow_server)
-    experiment_id = client.create_experiment(f"resume-{time.time_ns()}")
-    parent = client.create_run(experiment_id).info.run_id
-    first = TrialRun.open(client, experiment_id, parent, "t_0001", None, run_name="r",
-                          tags={"cell": "c", "seed": "0"},
-                          params={"variant": "sn"})
+    study = Study(mlflow_server)
+    client = study.client
+    first = study.open("t_0001")
     for step in (10, 20, 30):  # the crashed attempt logged step 30 after its checkpoint at 20
         assert first.log_report({"iteration": step, "loss_d": float(step), "divergence_cause": ""})
     # No run id in hand (no checkpoint yet), even a new Tune trial id (a driver restored from an older
     # snapshot of Tune's state): the trial's run is found again by its cell and seed.
-    again = TrialRun.open(client, experiment_id, parent, "t_0009", None, run_name="r",
-                          tags={"cell": "c", "seed": "0"}, params={})
+    again = study.open("t_0009")
     assert again.run_id == first.run_id and again.last_step == 30
     logged = [again.log_report({"iteration": step, "loss_d": -1.0}) for step in (30, 40)]
     assert logged == [False, True]
@@ -84,11 +93,9 @@ def test_a_resumed_trial_run_never_logs_a_step_twice(mlflow_server):
 
 
 def test_finish_tags_a_divergence_as_a_result_not_a_failure(mlflow_server):
-    client = MlflowClient(mlflow_server)
-    experiment_id = client.create_experiment(f"finish-{time.time_ns()}")
-    parent = client.create_run(experiment_id).info.run_id
-    run = TrialRun.open(client, experiment_id, parent, "t_0002", None, run_name="r",
-                        tags={"cell": "c", "seed": "0"}, params={})
+    study = Study(mlflow_server)
+    client, parent = study.client, study.parent
+    run = study.open("t_0002")
     run.finish({"iteration": 70, "diverged": 1, "divergence_cause": "grad_explosion", "divergence_step": 70})
     finished = client.get_run(run.run_id)
     assert finished.info.status == "FINISHED"
@@ -99,11 +106,9 @@ def test_finish_tags_a_divergence_as_a_result_not_a_failure(mlflow_server):
 
 
 def test_an_ended_trial_run_is_not_reopened_and_hands_back_its_final_result(mlflow_server):
-    client = MlflowClient(mlflow_server)
-    experiment_id = client.create_experiment(f"ended-{time.time_ns()}")
-    parent = client.create_run(experiment_id).info.run_id
-    run = TrialRun.open(client, experiment_id, parent, "t_0003", None, run_name="r",
-                        tags={"cell": "c", "seed": "1"}, params={})
+    study = Study(mlflow_server)
+    client = study.client
+    run = study.open("t_0003", seed="1")
     final = {"iteration": 70, "objective": 1e4, "diverged": 1, "divergence_cause": "nan_loss",
              "divergence_step": 65, "done": 1}
     run.log_report(final)
@@ -111,8 +116,7 @@ def test_an_ended_trial_run_is_not_reopened_and_hands_back_its_final_result(mlfl
     ended_at = client.get_run(run.run_id).info.end_time
 
     # Restored from a snapshot of Tune's state older than its end: the same run, left as it ended.
-    again = TrialRun.open(client, experiment_id, parent, "t_0004", None, run_name="r",
-                          tags={"cell": "c", "seed": "1"}, params={})
+    again = study.open("t_0004", seed="1")
     assert again.run_id == run.run_id
     assert again.ended
     after = client.get_run(run.run_id)
