@@ -30,14 +30,15 @@ PAPER_EVAL_EVERY = 10_000  # the official code's FID schedule, in generator iter
 FID_GENERATED = 10_000
 
 
-def trial_speed(variant: str, args: argparse.Namespace, device: torch.device, compile: bool = False) -> float:
+def trial_speed(variant: str, args: argparse.Namespace, device: torch.device,
+                compiled: bool = False) -> float:
     """Iterations per second of one trial after its first logging window (warm-up) is dropped."""
     speeds: list[float] = []
     config = {
         "variant": variant, "scale": 1.5 if variant == "bssn" else 1.0, "width": args.width,
         "batch_size": args.batch_size, "n_dis": args.n_dis, "iterations": args.iters,
         "log_every": args.iters // 4, "eval_every": 10 * args.iters, "checkpoint_every": 10 * args.iters,
-        "eval_generated": 64, "eval_real": 64, "device": str(device), "compile": compile,
+        "eval_generated": 64, "eval_real": 64, "device": str(device), "compile": compiled,
     }
     with tempfile.TemporaryDirectory() as workdir:
         train(config, lambda metrics, checkpoint=None: speeds.append(metrics["it_per_s"]), workdir=workdir)
@@ -114,7 +115,7 @@ def main() -> None:
     speeds = {}
     for variant in ("sn", "bssn"):
         speeds[variant] = trial_speed(variant, args, device)
-        fast = trial_speed(variant, args, device, compile=True)
+        fast = trial_speed(variant, args, device, compiled=True)
         print(f"  {variant:5s} eager {speeds[variant]:8.2f} it/s; compiled {fast:8.2f} it/s; "
               f"ratio {fast / speeds[variant]:5.2f}x (goal on an H100: >= 4x)")
     if args.no_fid:

@@ -2,7 +2,7 @@
 
 Every report goes to MLflow (step = iteration); only the reports that carry `objective` (evaluations and the
 final report) go to Tune, so ASHA and Optuna only ever see finite values. Checkpoints are Tune checkpoints of
-train's `workdir/checkpoint/` folder with the MLflow run id added, so a resumed trial continues its run.
+train's `workdir/checkpoint/` folder; a resumed trial finds its MLflow run by its cell and seed.
 A pack (`pack_size` > 1) is one Tune trial running `train_pack()`: each member reports to its own MLflow run.
 """
 
@@ -24,7 +24,6 @@ from trainables.config import TrialConfig
 from trainables.packing import member_name, train_pack
 from trainables.train import train
 
-RUN_ID_FILE = "mlflow_run_id"  # written into each checkpoint folder
 ARTIFACT_PATTERNS = ("samples/iter_*.png", "events.json")
 PATH_FIELDS = ("data_root", "cache_dir", "inception_weights")  # resolved against the driver's folder
 
@@ -74,17 +73,13 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
     workdir = Path(tune_context.get_trial_dir()) / "work"
 
     resume_from = restored_checkpoint(workdir)
-    run_id_file = resume_from / RUN_ID_FILE if resume_from is not None else None
-    run_id = run_id_file.read_text().strip() if run_id_file is not None and run_id_file.is_file() else None
-    run = open_trial_run(spec, context, trial, point, seed, trial_id, run_id)
+    run = open_trial_run(spec, context, trial, point, seed, trial_id)
     if run.ended:
         tune.report({**run.final_result(), "mlflow_seconds": run.log_seconds})
         return
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         log_to_run(run, workdir, metrics, checkpoint_dir)
-        if checkpoint_dir is not None:
-            (Path(checkpoint_dir) / RUN_ID_FILE).write_text(run.run_id)
         if "objective" not in metrics:
             return
         result = {key: value for key, value in metrics.items() if key != "done"}  # `done` ends a Tune trial
@@ -107,12 +102,12 @@ def run_pack(spec: StudySpec, members: list[tuple[dict[str, Any], int]], context
     trial_id = tune_context.get_trial_id()
     workdir = Path(tune_context.get_trial_dir()) / "work"
     resume_from = restored_checkpoint(workdir)
-    runs = [open_trial_run(spec, context, trial, point, seed, f"{trial_id}_{k}", None,
+    runs = [open_trial_run(spec, context, trial, point, seed, f"{trial_id}_{k}",
                            pack_tags={"pack": trial_id, "pack_member": str(k)})
             for k, (trial, (point, seed)) in enumerate(zip(trials, members, strict=True))]
-    objectives = {k: run.final_result()["objective"] for k, run in enumerate(runs)
-                  if run.ended and "objective" in run.final_result()}
-    diverged = {k for k, run in enumerate(runs) if run.ended and run.final_result().get("diverged")}
+    recorded = {k: run.final_result() for k, run in enumerate(runs) if run.ended}  # members ended before
+    objectives = {k: result["objective"] for k, result in recorded.items() if "objective" in result}
+    diverged = {k for k, result in recorded.items() if result.get("diverged")}
     evaluated: list[int] = []  # members that reported an objective at the current logging step
 
     def pack_result(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -120,8 +115,8 @@ def run_pack(spec: StudySpec, members: list[tuple[dict[str, Any], int]], context
                 "members_ended": sum(run.ended for run in runs),
                 "mlflow_seconds": sum(run.log_seconds for run in runs)}
 
-    if all(run.ended for run in runs):
-        iteration = max(int(run.final_result().get("iteration", 0)) for run in runs)
+    if len(recorded) == len(runs):
+        iteration = max(result["iteration"] for result in recorded.values())
         tune.report(pack_result({"iteration": iteration, "pack_size": len(runs)}))
         return
 
@@ -153,15 +148,14 @@ def restored_checkpoint(workdir: Path) -> Path | None:
 
 
 def open_trial_run(spec: StudySpec, context: StudyContext, trial: TrialConfig, point: dict[str, Any],
-                   seed: int, trial_id: str, run_id: str | None,
-                   pack_tags: dict[str, str] | None = None) -> TrialRun:
+                   seed: int, trial_id: str, pack_tags: dict[str, str] | None = None) -> TrialRun:
     cell = cell_key(point)
     # Where Ray placed the trial: the node and the GPUs it was given (fractional trials share one).
     placement = {"node_id": ray.get_runtime_context().get_node_id(),
                  "gpu_ids": ",".join(str(gpu) for gpu in ray.get_gpu_ids())}
     tags = {"study": spec.name, "cell": cell, "seed": str(seed), **placement, **(pack_tags or {})}
     return TrialRun.open(MlflowClient(context.tracking_uri), context.experiment_id, context.parent_run_id,
-                         trial_id, run_id, run_name=f"{cell},seed={seed}" if cell else f"seed={seed}",
+                         trial_id, run_name=f"{cell},seed={seed}" if cell else f"seed={seed}",
                          tags=tags, params=flatten(trial.model_dump(mode="json")))
 
 

@@ -52,7 +52,7 @@ class TrialStatusCallback(tune.Callback):
         return described[0] if len(described) == 1 else f"pack of {len(described)} [{'; '.join(described)}]"
 
     def _print(self, trial: Any, ending: str) -> None:
-        self.ended += len(trial.config.get("pack", [None]))
+        self.ended += len(self._members(trial))
         result = trial.last_result or {}
         objective = result.get("objective")
         shown = f"objective {objective:.4g}" if isinstance(objective, int | float) else "no objective"
@@ -73,7 +73,7 @@ class TrialStatusCallback(tune.Callback):
         if self._close_run(trial, "finished", "FINISHED"):
             self._print(trial, "stopped early by the scheduler")
         else:
-            result, members = trial.last_result or {}, len(trial.config.get("pack", [None]))
+            result, members = trial.last_result or {}, len(self._members(trial))
             if members > 1:
                 diverged = int(result.get("diverged", 0))
                 self._print(trial, f"{members - diverged} finished, {diverged} diverged")

@@ -340,9 +340,6 @@ def validate_study(spec: StudySpec) -> None:
     if spec.pack_size > 1 and search.kind != "grid":
         errors.append(f"pack_size: packs are formed from a grid's cells; a {search.kind} search suggests one "
                       "trial at a time, so it needs pack_size 1")
-    if spec.pack_size > 1 and parse_config(merge(spec.base, {"seed": spec.seeds[0]})).compile:
-        errors.append("pack_size: a pack runs uncompiled, as one vmap over its members; set base.compile "
-                      "false or pack_size 1")
     if spec.pack_size > 1 and spec.scheduler is not None:
         errors.append("pack_size: ASHA stops whole Ray trials, not the members of a pack; drop the scheduler "
                       "or use pack_size 1")
@@ -372,6 +369,9 @@ def validate_study(spec: StudySpec) -> None:
     for message, cells in failing.items():
         more = f" and {len(cells) - 1} more" if len(cells) > 1 else ""
         errors.append(f"{message} (trial {cells[0]}{more})")
+    if spec.pack_size > 1 and base.compile:
+        errors.append("pack_size: a pack runs uncompiled, as one vmap over its members; set base.compile "
+                      "false or pack_size 1")
     if spec.scheduler is not None and spec.scheduler.grace_period > base.iterations:
         errors.append(f"scheduler.grace_period: {spec.scheduler.grace_period} exceeds base.iterations "
                       f"({base.iterations})")

@@ -211,10 +211,10 @@ class TrialRun:
 
     @classmethod
     def open(cls, client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str,
-             run_id: str | None, run_name: str, tags: dict[str, str], params: dict[str, str]) -> TrialRun:
-        """Continue run_id (from the checkpoint) or the run of trial (tags cell, seed), else create it."""
+             run_name: str, tags: dict[str, str], params: dict[str, str]) -> TrialRun:
+        """Continue the run of the trial (tags cell, seed) under the parent, else create it."""
         started = time.perf_counter()
-        run_id = run_id or find_trial_run(client, experiment_id, parent_run_id, tags["cell"], tags["seed"])
+        run_id = find_trial_run(client, experiment_id, parent_run_id, tags["cell"], tags["seed"])
         reopened = run_id is not None
         if run_id is None:
             all_tags = {"mlflow.parentRunId": parent_run_id, "role": "trial", "trial_id": trial_id,

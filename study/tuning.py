@@ -136,8 +136,8 @@ class CheckpointRetention(tune.Callback):
 
     def __init__(self) -> None:
         self._trials: list[Any] = []
-        self._named_before: dict[str, int] = {}  # trial id -> checkpoint index the previous snapshot named
-        self._delete_below: dict[str, int] = {}  # trial id -> its checkpoints below this index can go
+        self._named_last: dict[str, int] = {}  # trial id -> checkpoint index the last snapshot named
+        self._safe_below: dict[str, int] = {}  # trial id -> index the snapshot before it named: older can go
         self._deleted_below: dict[str, int] = {}
 
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
@@ -146,8 +146,7 @@ class CheckpointRetention(tune.Callback):
     def get_state(self) -> None:
         named = {trial.trial_id: checkpoint_index(trial.checkpoint.path)
                  for trial in self._trials if trial.checkpoint is not None}
-        self._delete_below.update(self._named_before)
-        self._named_before = named
+        self._safe_below, self._named_last = self._named_last, named
         return None  # nothing to restore: a resumed driver starts from what its snapshot names
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
@@ -155,12 +154,12 @@ class CheckpointRetention(tune.Callback):
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         # Tune wrote (and uploaded: wait=True) a final snapshot just before: only what it names is needed.
-        self._delete_below.update(self._named_before)
+        self._safe_below = self._named_last
         self._delete(trials)
 
     def _delete(self, trials: list[Any]) -> None:
         for trial in trials:
-            below = self._delete_below.pop(trial.trial_id, 0)
+            below = self._safe_below.get(trial.trial_id, 0)
             if below > self._deleted_below.get(trial.trial_id, 0):
                 delete_checkpoints_below(trial.storage.storage_filesystem, trial.storage.trial_fs_path, below)
                 self._deleted_below[trial.trial_id] = below

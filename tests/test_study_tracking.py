@@ -27,8 +27,8 @@ class Study:
         self.experiment_id = self.client.create_experiment(f"study-{time.time_ns()}")
         self.parent = self.client.create_run(self.experiment_id).info.run_id
 
-    def open(self, trial_id: str, seed: str = "0", run_id: str | None = None) -> TrialRun:
-        return TrialRun.open(self.client, self.experiment_id, self.parent, trial_id, run_id, run_name="r",
+    def open(self, trial_id: str, seed: str = "0") -> TrialRun:
+        return TrialRun.open(self.client, self.experiment_id, self.parent, trial_id, run_name="r",
                              tags={"cell": "c", "seed": seed}, params={"variant": "sn"})
 
 
