@@ -57,7 +57,7 @@ from torch.nn.utils import parametrize
 from trainables.config import SCALED_VARIANTS, VARIANTS
 
 __all__ = [
-    "VARIANTS", "eager_power_iterations", "frozen_parametrizations", "normalize", "spectral_report",
+    "VARIANTS", "PowerIterationStarts", "frozen_parametrizations", "normalize", "spectral_report",
 ]
 
 LAYER_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
@@ -156,6 +156,8 @@ class SigmaEstimator(nn.Module):
         self.eps = eps
         self.register_buffer("u", u)
         self.register_buffer("v", v)
+        # Where a training forward starts its power iteration when not from u (PowerIterationStarts).
+        self.register_buffer("u_start", None, persistent=False)
 
     def operators(self, weight: torch.Tensor) -> tuple[Operator, Operator]:
         raise NotImplementedError
@@ -166,11 +168,12 @@ class SigmaEstimator(nn.Module):
         if not self.training:
             # Clones: a later training forward updates the buffers in place before this graph's backward.
             return (self.u.clone() * op_t(self.v.clone())).sum()
+        start = self.u if self.u_start is None else self.u_start
         if grad_through:
-            sigma, u, v = _power_iteration(op, op_t, self.u.clone(), n_power_iterations, self.eps)
+            sigma, u, v = _power_iteration(op, op_t, start.clone(), n_power_iterations, self.eps)
         else:
             with torch.no_grad():
-                _, u, v = _power_iteration(*self.operators(weight.detach()), self.u, n_power_iterations,
+                _, u, v = _power_iteration(*self.operators(weight.detach()), start, n_power_iterations,
                                            self.eps)
             sigma = (u * op_t(v)).sum()
         with torch.no_grad():
@@ -471,17 +474,27 @@ def _conv_operator_sigma(layer: nn.Module, name: str, spectral: SpectralNormaliz
     return sigma
 
 
-def eager_power_iterations(module: nn.Module) -> nn.Module:
-    """Keep the power iterations of `module`'s normalizations out of torch.compile's graphs (returns module).
+class PowerIterationStarts:
+    """Lets torch.compile trace `module`'s power iterations in its graph (fullgraph) with the eager gradient.
 
-    Compiled inside the graph, a power iteration that updates u in place gets a wrong gradient through it
-    (3-10% off at initialisation: AOTAutograd's backward reads u after the update); everything around it still
-    compiles (trainables/train.py's `compile`; tests/test_normalization.py checks against finite differences).
+    Compiled, a training forward that reads u and also overwrites it in place gets a wrong gradient through
+    the power iteration (1-10% off: AOTAutograd keeps the no-grad copy into u inside the forward graph, and
+    the backward then reads the overwritten u). Here each estimator starts from its own copy `u_start`,
+    which the graph only reads, and writes u, v as before; call `refresh()` before every training forward
+    of the compiled module (after the previous backward): one foreach copy of every u into its u_start.
+    Eval-mode forwards, the state_dict and spectral_report read u, v as always.
     """
-    for sub in module.modules():
-        if isinstance(sub, SigmaEstimator):
-            sub.forward = torch.compiler.disable(sub.forward)
-    return module
+
+    def __init__(self, module: nn.Module) -> None:
+        self.estimators = [sub for sub in module.modules() if isinstance(sub, SigmaEstimator)]
+        for estimator in self.estimators:
+            estimator.u_start = estimator.u.clone()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        if self.estimators:
+            torch._foreach_copy_([estimator.u_start for estimator in self.estimators],
+                                 [estimator.u for estimator in self.estimators])
 
 
 @contextmanager

@@ -34,7 +34,7 @@ from trainables.events import DivergenceWatch, StepMonitor
 from trainables.losses import discriminator_loss, generator_loss, gradient_penalty
 from trainables.metrics import Evaluator
 from trainables.networks import build_discriminator, build_generator
-from trainables.normalization import eager_power_iterations, frozen_parametrizations, normalize
+from trainables.normalization import PowerIterationStarts, frozen_parametrizations, normalize
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 CHECKPOINT_FILE = "state.pt"
@@ -97,11 +97,16 @@ def train(config: TrialConfig | dict, report: Report, *, workdir: str | Path,
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.g_lr, betas=betas, fused=fused)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.d_lr, betas=betas, fused=fused)
     # The training steps' forwards; evaluation and diagnostics use the eager modules (the same parameters).
-    train_g, train_d = generator, discriminator
+    train_g, train_d, power_iteration_starts = generator, discriminator, None
     if cfg.compile:
         mode = "reduce-overhead" if device.type == "cuda" else "default"  # CUDA graphs: no launch per kernel
-        train_g = torch.compile(generator, mode=mode)
-        train_d = torch.compile(eager_power_iterations(discriminator), mode=mode)
+        # fullgraph: a graph break would split the CUDA graphs and bring back a launch per kernel around it.
+        # The reset: in a worker process reused for several trials, earlier trials' graphs would count
+        # toward dynamo's recompile limit (8 per code object), beyond which fullgraph fails.
+        torch.compiler.reset()
+        train_g = torch.compile(generator, mode=mode, fullgraph=True)
+        train_d = torch.compile(discriminator, mode=mode, fullgraph=True)
+        power_iteration_starts = PowerIterationStarts(discriminator)
 
     n_real = min(cfg.eval_real, len(source))
     evaluator = Evaluator(
@@ -196,6 +201,8 @@ def train(config: TrialConfig | dict, report: Report, *, workdir: str | Path,
             with torch.no_grad():
                 fake = train_g(z)
             # One D forward on real and fake together: one power iteration per D step, as the official code.
+            if power_iteration_starts is not None:
+                power_iteration_starts.refresh()
             d_out = train_d(torch.cat([real, fake]))
             loss_d = discriminator_loss(cfg.loss, d_out[: cfg.batch_size], d_out[cfg.batch_size:])
             if cfg.loss == "wgan_gp":
