@@ -30,10 +30,11 @@ from trainables.metrics.fd_digits import (
     to_classifier_input,
     train_classifier,
 )
-from trainables.metrics.frechet import frechet_distance, gaussian_statistics
+from trainables.metrics.frechet import FrechetReference, gaussian_statistics
 from trainables.metrics.inception import (
     INCEPTION_FILE,
     INCEPTION_URL,
+    build_extractor,
     inception_score_splits,
     resolve_inception_weights,
 )
@@ -102,6 +103,10 @@ def random_spd(rng: np.random.Generator, dim: int) -> np.ndarray:
 # The Fréchet distance
 
 
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    return FrechetReference(mu2, sigma2).distance(mu1, sigma1)
+
+
 def test_frechet_distance_matches_closed_form_for_diagonal_covariances():
     rng = np.random.default_rng(0)
     mu1, mu2 = rng.standard_normal(16), rng.standard_normal(16)
@@ -145,10 +150,25 @@ def test_frechet_distance_is_symmetric():
 
 
 def test_frechet_distance_rejects_mismatched_shapes_naming_the_argument():
-    with pytest.raises(ValueError, match=r"sigma2: expected shape \(4, 4\)"):
-        frechet_distance(np.zeros(4), np.eye(4), np.zeros(4), np.eye(3))
-    with pytest.raises(ValueError, match="mu1, mu2"):
-        frechet_distance(np.zeros(4), np.eye(4), np.zeros(3), np.eye(4))
+    with pytest.raises(ValueError, match=r"sigma: expected shape \(4, 4\)"):
+        FrechetReference(np.zeros(4), np.eye(3))
+    with pytest.raises(ValueError, match=r"mu1: expected a \(4,\) vector, got \(3,\)"):
+        FrechetReference(np.zeros(4), np.eye(4)).distance(np.zeros(3), np.eye(3))
+    with pytest.raises(ValueError, match="sigma1: contains NaN"):
+        FrechetReference(np.zeros(2), np.eye(2)).distance(np.zeros(2), np.array([[1.0, np.nan], [0, 1]]))
+
+
+def test_distance_to_features_on_the_device_matches_torch_fidelity_statistics_and_formula():
+    """FID's path: float32 features (N, D) -> float64 statistics on the device -> distance to the cached
+    reference, against torch-fidelity's own statistics and eigvals formula."""
+    rng = np.random.default_rng(6)
+    generated = torch.from_numpy((rng.standard_normal((300, 32)) * 3 + 1).astype(np.float32))
+    real = torch.from_numpy((rng.standard_normal((250, 32)) @ random_spd(rng, 32)).astype(np.float32))
+    stats = [torch_fidelity.metric_fid.fid_features_to_statistics(f) for f in (generated, real)]
+    theirs = torch_fidelity.metric_fid.fid_statistics_to_metric(*stats, verbose=False)
+    theirs = theirs[torch_fidelity.KEY_METRIC_FID]
+    ours = FrechetReference(stats[1]["mu"], stats[1]["sigma"]).distance_to_features(generated)
+    assert ours == pytest.approx(theirs, rel=1e-6)  # their mean is float32, ours float64
 
 
 def test_gaussian_statistics_are_the_mean_and_unbiased_covariance():
@@ -560,6 +580,22 @@ def test_inception_pipeline_matches_calculate_metrics_and_fid_of_a_set_to_itself
     assert abs(itself["fid"]) < 1e-5 * ours["fid"]  # measured: -2e-7 against 0.59
     assert itself["fd_digits"] < 1e-9 < ours["fd_digits"]
     assert ours["is"] > 1  # a split of one image would give exactly 1 (measured: 1.0003 with random weights)
+
+
+@pytest.mark.slow
+def test_channels_last_inception_gives_the_same_features(random_inception_weights):
+    """On CUDA the extractor runs in channels_last (build_extractor): the layout must not change a feature."""
+    extractor = build_extractor(random_inception_weights, ("fid", "is"), torch.device("cpu"))
+    rng = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 16, 16), generator=rng, dtype=torch.uint8)
+    with torch.no_grad():
+        contiguous = extractor(images)
+        extractor.to(memory_format=torch.channels_last)
+        channels_last = extractor(images)
+    assert extractor.Conv2d_1a_3x3.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert [f.shape for f in contiguous] == [(3, 2048), (3, 1008)]
+    for ours, reference in zip(channels_last, contiguous, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
 
 
 class _Replay(torch.nn.Module):

@@ -21,11 +21,10 @@ import torch
 
 from trainables.config import METRICS
 from trainables.metrics.fd_digits import DigitsFeatureExtractor
-from trainables.metrics.frechet import frechet_distance, gaussian_statistics
+from trainables.metrics.frechet import FrechetReference, gaussian_statistics
 from trainables.metrics.inception import (
     EXTRACTOR,
     FEATURE_LAYER,
-    CallableGenerator,
     InceptionWeightsMissingError,
     build_extractor,
     generated_features,
@@ -41,7 +40,7 @@ from trainables.metrics.reference import (
     reference_path,
 )
 
-__all__ = ["Evaluator", "InceptionWeightsMissingError", "frechet_distance", "gaussian_statistics"]
+__all__ = ["Evaluator", "FrechetReference", "InceptionWeightsMissingError", "gaussian_statistics"]
 
 INCEPTION_METRICS = ("fid", "is", "kid")
 REAL_SUBSET_SEED = 0  # which n_real of the given real images enter the statistics, when fewer than all
@@ -103,6 +102,7 @@ class Evaluator:
 
         self._inception = None
         self._inception_reference: ReferenceStatistics | None = None
+        self._fid_reference: FrechetReference | None = None
         if any(name in INCEPTION_METRICS for name in self.names):
             self._inception = build_extractor(
                 resolve_inception_weights(inception_weights), self.names, self.device
@@ -116,15 +116,17 @@ class Evaluator:
                     lambda: reference_statistics(real_features(self._inception, real, self.device)),
                     with_features="kid" in self.names,
                 )
+            if "fid" in self.names:
+                reference = self._inception_reference
+                self._fid_reference = FrechetReference(reference.mu, reference.sigma, self.device)
 
         self._digits = None
-        self._digits_reference: ReferenceStatistics | None = None
+        self._digits_reference: FrechetReference | None = None
         if "fd_digits" in self.names:
             self._digits = DigitsFeatureExtractor(cache_dir, self.device)
             path = reference_path(cache_dir, reference_key, n_real=n_real, extractor=self._digits.name)
-            self._digits_reference = load_or_compute_reference(
-                path, lambda: _gaussian_reference(self._digits(real))
-            )
+            reference = load_or_compute_reference(path, lambda: _gaussian_reference(self._digits(real)))
+            self._digits_reference = FrechetReference(reference.mu, reference.sigma)
 
     def __call__(self, generate: Callable[[int], torch.Tensor]) -> dict[str, float]:
         """Metrics of n_generated images from `generate(b) -> (b, 3, R, R) uint8`, keyed by the names."""
@@ -134,15 +136,11 @@ class Evaluator:
 
         out: dict[str, float] = {}
         if self._inception is not None:
-            features = generated_features(
-                self._inception, CallableGenerator(checked, self.device), self.n_generated, self.device
-            )
-            out |= metrics_from_features(self.names, features, self._inception_reference)
+            features = generated_features(self._inception, checked, self.n_generated, self.device)
+            out |= metrics_from_features(self.names, features, self._inception_reference, self._fid_reference)
         if self._digits is not None:
             mu, sigma = gaussian_statistics(self._digits.of_generated(checked, self.n_generated))
-            out["fd_digits"] = frechet_distance(
-                mu, sigma, self._digits_reference.mu, self._digits_reference.sigma
-            )
+            out["fd_digits"] = self._digits_reference.distance(mu, sigma)
         return {name: out[name] for name in self.names}
 
 

@@ -1,12 +1,14 @@
 """Gaussian statistics of features and the Fréchet distance between two Gaussians.
 
-Pure numpy functions, shared by the fd_digits surrogate (torch-fidelity computes FID with its own copy):
-features -> `gaussian_statistics` -> (mu, sigma) -> `frechet_distance` -> float.
+features -> `gaussian_statistics` (numpy) -> (mu, sigma) -> `FrechetReference(mu, sigma).distance(...)`:
+the distance to one fixed reference Gaussian, in torch on any device, with the reference's matrix square root
+computed once; FID at every evaluation (trainables.metrics) and the fd_digits surrogate go through it.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -19,34 +21,61 @@ def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False).reshape(features.shape[1], features.shape[1])
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Squared Fréchet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2).
+class FrechetReference:
+    """Squared Fréchet (2-Wasserstein) distances to one reference Gaussian N(mu, sigma), float64, on `device`.
 
-    d² = |mu1 - mu2|² + tr(sigma1) + tr(sigma2) - 2 tr((sigma1^½ sigma2 sigma1^½)^½), in feature units squared
-    The trace term goes through symmetric eigendecompositions (eigh) rather than sqrtm(sigma1 sigma2): the
-    matrix under the root is symmetric PSD, so there is no imaginary part to discard, and rank-deficient
-    covariances (fewer samples than dimensions) stay exact; rounding-level negative eigenvalues are clipped.
-    mu: (D,); sigma: (D, D) symmetric PSD.
+    d² = |mu' - mu|² + tr(sigma') + tr(sigma) - 2 tr((sigma^½ sigma' sigma^½)^½), in feature units squared.
+    sigma^½ (a symmetric eigendecomposition) is computed once here, so each distance costs one symmetric
+    eigenvalue problem: the matrix under the root is symmetric PSD, so there is no imaginary part to discard
+    (as with sqrtm(sigma' sigma) or torch-fidelity's eigvals of the product), and rank-deficient covariances
+    (fewer samples than dimensions) stay exact; rounding-level negative eigenvalues are clipped.
+    mu: (D,); sigma: (D, D) symmetric PSD, finite (arrays or tensors).
     """
-    mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, dtype=np.float64), np.asarray(sigma2, dtype=np.float64)
-    if mu1.ndim != 1 or mu1.shape != mu2.shape:
-        raise ValueError(
-            f"mu1, mu2: expected two (D,) vectors of equal length, got {mu1.shape} and {mu2.shape}"
-        )
-    dim = mu1.shape[0]
-    for name, sigma in (("sigma1", sigma1), ("sigma2", sigma2)):
-        if sigma.shape != (dim, dim):
-            raise ValueError(f"{name}: expected shape ({dim}, {dim}) to match mu, got {sigma.shape}")
-    for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
-        if not np.isfinite(value).all():
+
+    def __init__(self, mu: np.ndarray | torch.Tensor, sigma: np.ndarray | torch.Tensor,
+                 device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.mu, self.sigma = _as_gaussian(mu, sigma, ("mu", "sigma"), self.device)
+        eigenvalues, eigenvectors = torch.linalg.eigh(self.sigma)
+        self.root = (eigenvectors * eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.mT
+        self.trace = torch.trace(self.sigma)
+
+    def distance(self, mu: np.ndarray | torch.Tensor, sigma: np.ndarray | torch.Tensor) -> float:
+        """d² between N(mu, sigma) and the reference."""
+        mu, sigma = _as_gaussian(mu, sigma, ("mu1", "sigma1"), self.device, self.mu.shape[0])
+        inner = self.root @ sigma @ self.root
+        tr_covmean = torch.linalg.eigvalsh((inner + inner.mT) / 2).clamp_min(0).sqrt().sum()
+        diff = mu - self.mu
+        distance = diff @ diff + torch.trace(sigma) + self.trace - 2 * tr_covmean
+        return max(float(distance), 0.0)  # >= 0 in exact arithmetic; clip the rounding of identical inputs
+
+    def distance_to_features(self, features: torch.Tensor) -> float:
+        """d² between the Gaussian of features (N, D) (mean, unbiased covariance; float64) and the reference.
+
+        The statistics are computed where the features are, moved to this reference's device first."""
+        features = features.to(self.device, torch.float64)
+        if features.ndim != 2 or features.shape[0] < 2:
+            raise ValueError("features: expected an (N, D) tensor with N >= 2, got shape "
+                             f"{tuple(features.shape)}")
+        mu = features.mean(dim=0)
+        centred = features - mu
+        return self.distance(mu, centred.mT @ centred / (features.shape[0] - 1))
+
+
+def _as_gaussian(mu, sigma, names: tuple[str, str], device: torch.device,
+                 dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """mu, sigma as float64 tensors on device, sigma symmetrised; ValueError naming a bad argument.
+
+    dim: the dimension mu must have (None: any)."""
+    mu = torch.as_tensor(mu, dtype=torch.float64).to(device)
+    sigma = torch.as_tensor(sigma, dtype=torch.float64).to(device)
+    if mu.ndim != 1 or (dim is not None and mu.shape[0] != dim):
+        expected = "D" if dim is None else dim
+        raise ValueError(f"{names[0]}: expected a ({expected},) vector, got {tuple(mu.shape)}")
+    dim = mu.shape[0]
+    if sigma.shape != (dim, dim):
+        raise ValueError(f"{names[1]}: expected shape ({dim}, {dim}) to match mu, got {tuple(sigma.shape)}")
+    for name, value in zip(names, (mu, sigma), strict=True):
+        if not torch.isfinite(value).all():
             raise ValueError(f"{name}: contains NaN or Inf")
-    # Symmetrise: np.cov is symmetric only up to rounding, and eigh reads one triangle.
-    sigma1, sigma2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2
-    eigvals1, eigvecs1 = np.linalg.eigh(sigma1)
-    root1 = (eigvecs1 * np.sqrt(np.clip(eigvals1, 0, None))) @ eigvecs1.T
-    inner = root1 @ sigma2 @ root1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
-    diff = mu1 - mu2
-    distance = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean
-    return float(max(distance, 0.0))  # >= 0 in exact arithmetic; clip the rounding of identical inputs
+    return mu, (sigma + sigma.mT) / 2  # np.cov is symmetric only up to rounding; eigh reads one triangle

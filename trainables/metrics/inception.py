@@ -1,10 +1,13 @@
 """FID, IS and KID through torch-fidelity's TF-compatible InceptionV3 (`inception-v3-compat`).
 
 torch-fidelity does the work: its feature extractor (uint8 input, its own TF-exact resize to 299 px), its
-feature loops over a Dataset (the real images) and a GenerativeModelBase (the generator), and its metric
-functions. This module adds what a training loop needs around them: the weights found (or downloaded) up
-front with a clear error when they cannot be, and real-image statistics that come from our own cache
-(reference.py) rather than torch-fidelity's pickled one. Steps: images -> features -> statistics -> metric.
+feature loop over a Dataset (the real images), and its statistics and IS / KID functions. This module adds
+what a training loop needs around them: the weights found (or downloaded) up front with a clear error when
+they cannot be; real-image statistics from our own cache (reference.py) rather than torch-fidelity's pickled
+one; and an evaluation that stays on the device: the generated images' features are gathered there in large
+batches, and FID's statistics and distance are computed there in float64 against the reference's square root
+computed once (frechet.FrechetReference; torch-fidelity's general eigenvalue problem of sigma1·sigma2 on the
+CPU took longer than the whole rest of an evaluation). Steps: images -> features -> statistics -> metric.
 """
 
 from __future__ import annotations
@@ -20,18 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.hub
-from torch_fidelity.defaults import DEFAULTS
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-from torch_fidelity.generative_model_base import GenerativeModelBase
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_fid import fid_features_to_statistics
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
-from torch_fidelity.utils import (
-    create_feature_extractor,
-    get_featuresdict_from_dataset,
-    get_featuresdict_from_generative_model,
-)
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
+from trainables.metrics.frechet import FrechetReference
 from trainables.metrics.reference import ReferenceStatistics
 
 EXTRACTOR = "inception-v3-compat"
@@ -39,7 +37,8 @@ FEATURE_LAYER = {"fid": "2048", "kid": "2048", "is": "logits_unbiased"}  # torch
 INCEPTION_URL = URL_INCEPTION_V3
 INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]  # weights-inception-2015-12-05-6726825d.pth
 INCEPTION_SHA256_PREFIX = INCEPTION_FILE.rsplit("-", 1)[1].removesuffix(".pth")  # as torch.hub names files
-BATCH_SIZE = 64  # images per Inception forward (torch-fidelity's default)
+# Images per Inception forward: torch-fidelity's default on the CPU; on a GPU, batch 64 leaves it mostly idle.
+BATCH_SIZE = {"cpu": 64, "cuda": 500}
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torch-fidelity's defaults; the size shrinks to fit small sets
 IS_SPLITS = 10
 CONNECT_TIMEOUT_S = 10.0  # how long a missing-weights download may take to reach the server before we give up
@@ -122,7 +121,7 @@ def build_extractor(
     layers = sorted({FEATURE_LAYER[name] for name in names if name in FEATURE_LAYER})
     try:
         with _on(device):
-            return create_feature_extractor(
+            extractor = create_feature_extractor(
                 EXTRACTOR,
                 layers,
                 cuda=device.type == "cuda",
@@ -139,6 +138,9 @@ def build_extractor(
             f"inception_weights: {weights} does not load as torch-fidelity's InceptionV3 state_dict "
             f"(expected {INCEPTION_FILE} from {INCEPTION_URL}): {exc}"
         ) from exc
+    if device.type == "cuda":  # NHWC: cuDNN's tensor-core convolutions run without layout conversions
+        extractor.to(memory_format=torch.channels_last)
+    return extractor
 
 
 class _ImageTensorDataset(torch.utils.data.Dataset):
@@ -154,33 +156,6 @@ class _ImageTensorDataset(torch.utils.data.Dataset):
         return self.images[index]
 
 
-class CallableGenerator(GenerativeModelBase):
-    """`generate(b) -> (b, 3, R, R) uint8` as torch-fidelity's generative model.
-
-    The callable draws its own latents (the training loop owns their seed), so torch-fidelity's noise batch
-    only sets how many images to make.
-    """
-
-    def __init__(self, generate: Callable[[int], torch.Tensor], device: torch.device):
-        super().__init__()
-        self.generate, self.device = generate, device
-
-    @property
-    def z_size(self) -> int:
-        return 1
-
-    @property
-    def z_type(self) -> str:
-        return "normal"
-
-    @property
-    def num_classes(self) -> int:
-        return 0
-
-    def forward(self, noise: torch.Tensor) -> torch.Tensor:
-        return self.generate(noise.shape[0]).to(self.device)
-
-
 def real_features(
     extractor: FeatureExtractorInceptionV3, images: torch.Tensor, device: torch.device
 ) -> np.ndarray:
@@ -189,7 +164,7 @@ def real_features(
         featuresdict = get_featuresdict_from_dataset(
             _ImageTensorDataset(images),
             extractor,
-            BATCH_SIZE,
+            BATCH_SIZE[device.type],
             device.type == "cuda",
             save_cpu_ram=True,
             verbose=False,  # save_cpu_ram: no DataLoader worker processes
@@ -203,41 +178,44 @@ def reference_statistics(features: np.ndarray) -> ReferenceStatistics:
     return ReferenceStatistics(mu=stats["mu"], sigma=stats["sigma"], features=features)
 
 
+@torch.no_grad()
 def generated_features(
     extractor: FeatureExtractorInceptionV3,
-    generator: CallableGenerator,
+    generate: Callable[[int], torch.Tensor],
     n_generated: int,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """torch-fidelity's features of n_generated images: {'2048': (n, 2048), 'logits_unbiased': (n, 1008)}."""
+    """torch-fidelity's features of n_generated images from `generate(b) -> (b, 3, R, R) uint8`, batch by
+    batch, kept on `device` (no host round trip per batch): {'2048': (n, 2048), 'logits_unbiased': (n, 1008)}
+    for the layers the extractor was built with. As torch-fidelity's own generative-model loop, which draws
+    latents the generator here draws itself."""
+    batches: dict[str, list[torch.Tensor]] = {}
+    batch_size = BATCH_SIZE[device.type]
     with _on(device):
-        return get_featuresdict_from_generative_model(
-            generator,
-            extractor,
-            n_generated,
-            BATCH_SIZE,
-            device.type == "cuda",
-            DEFAULTS["rng_seed"],
-            verbose=False,
-        )
+        for start in range(0, n_generated, batch_size):
+            images = generate(min(batch_size, n_generated - start)).to(device)
+            features = extractor.convert_features_tuple_to_dict(extractor(images))
+            for layer, value in features.items():
+                batches.setdefault(layer, []).append(value)
+    return {layer: torch.cat(values) for layer, values in batches.items()}
 
 
 def metrics_from_features(
-    names: tuple[str, ...], generated: dict[str, torch.Tensor], reference: ReferenceStatistics | None
+    names: tuple[str, ...], generated: dict[str, torch.Tensor], reference: ReferenceStatistics | None,
+    fid_reference: FrechetReference | None,
 ) -> dict[str, float]:
-    """FID, IS (mean over splits) and KID (mean over subsets) by torch-fidelity, for the names asked."""
+    """FID (against fid_reference, the reference statistics with their square root computed once, on the
+    features' device), IS (mean over splits) and KID (mean over subsets) by torch-fidelity, for the names."""
     out: dict[str, float] = {}
     if "fid" in names:
-        stats = fid_features_to_statistics(generated[FEATURE_LAYER["fid"]])
-        reference_stats = {"mu": reference.mu, "sigma": reference.sigma}
-        out["fid"] = fid_statistics_to_metric(stats, reference_stats, verbose=False)[KEY_METRIC_FID]
+        out["fid"] = fid_reference.distance_to_features(generated[FEATURE_LAYER["fid"]])
     if "is" in names:
-        logits = generated[FEATURE_LAYER["is"]]
+        logits = generated[FEATURE_LAYER["is"]].cpu()
         out["is"] = isc_features_to_metric(logits, splits=inception_score_splits(logits.shape[0]))[
             KEY_METRIC_ISC_MEAN
         ]
     if "kid" in names:
-        fake, real = generated[FEATURE_LAYER["kid"]], torch.from_numpy(reference.features)
+        fake, real = generated[FEATURE_LAYER["kid"]].cpu(), torch.from_numpy(reference.features)
         subset_size = min(KID_SUBSET_SIZE, fake.shape[0], real.shape[0])
         out["kid"] = kid_features_to_metric(
             fake, real, kid_subsets=KID_SUBSETS, kid_subset_size=subset_size, verbose=False
