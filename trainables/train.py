@@ -215,7 +215,9 @@ def train(config: TrialConfig | dict, report: Report, *, workdir: str | Path,
             if logging_step and d_step == cfg.n_dis - 1:
                 metrics |= gradient_norms(discriminator, "grad_norm/D")
             opt_d.step()
-        d_real, d_fake = d_out.detach()[: cfg.batch_size], d_out.detach()[cfg.batch_size:]
+        if logging_step:  # copies: a compiled CUDA-graph output is overwritten by the graphs run after it
+            d_real, d_fake = d_out.detach()[: cfg.batch_size].clone(), d_out.detach()[cfg.batch_size:].clone()
+            fake = fake.clone()
 
         # G step: D's weights need no gradients, only the path through D to G; and, as in the official code,
         # D's forward here advances no power iteration (u, v as the last D step left them).
