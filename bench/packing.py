@@ -10,6 +10,12 @@ pack's rate summed over its members, as absolute it/s and as a ratio.
     python bench/packing.py                                   # CUDA if available, else CPU; K = 1 4 16 64
     python bench/packing.py --width 0.25 --batch-size 16 --packs 1 4 16 --iters 3   # a small CPU run
     python bench/packing.py --profile 16                      # also: where one packed iteration's time goes
+    python bench/packing.py --fid-images 1000                 # also: FID-10k's share of a pack's time
+
+With --fid-images, one FID-10k evaluation is timed by the trial's own path (bench/evaluation.py, timed on that
+many images and scaled) and each pack's evaluation share at the paper's schedule is printed: every member is
+evaluated every 10k of its iterations, one after another, so the share is f / (f + 10k / R) for a pack
+making R iterations per second in all.
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ import time
 from functools import partial
 
 import torch
+from evaluation import fid_seconds
 from iteration_time import device_name, int_at_least, make_trainee, synchronize, training_iteration
 
 from trainables.config import TrialConfig
 from trainables.packing import PackedGAN, build_member_networks
 
 RESOLUTION = 32
+PAPER_EVAL_EVERY = 10_000  # generator iterations between two evaluations of a member (the official code)
 
 
 def member_configs(k: int, args: argparse.Namespace) -> list[TrialConfig]:
@@ -102,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--profile", type=int_at_least(1), metavar="K",
                         help="also profile one iteration of a pack of K members")
+    parser.add_argument("--fid-images", type=int_at_least(2), metavar="N",
+                        help="also time FID-10k on N images (scaled) and print each pack's evaluation share")
     return parser.parse_args(argv)
 
 
@@ -122,14 +132,20 @@ def main(argv: list[str] | None = None) -> None:
           f"n_dis {args.n_dis}, hinge, Adam, fp32; median of {args.iters} iterations after {args.warmup} "
           "warm-up")
     print(f"separate trials, one after another: {1 / separate:.2f} it/s summed, whatever their number")
-    print(f"{'K':>4} {'ms/pack iteration':>18} {'packed it/s (sum)':>18} {'separate it/s':>14} {'ratio':>7}")
+    fid = None if args.fid_images is None else fid_seconds(device, args.fid_images, PAPER_EVAL_EVERY)
+    if fid is not None:
+        print(f"FID-10k evaluation (generation included): {fid:.1f} s per member")
+    share_header = f" {'eval share':>10}" if fid is not None else ""
+    print(f"{'K':>4} {'ms/pack iteration':>18} {'packed it/s (sum)':>18} {'separate it/s':>14} {'ratio':>7}"
+          + share_header)
     for k in args.packs:
         pack = build_pack(member_configs(k, args), device)
         stacked_real = real.expand(k, *real.shape).contiguous()
         seconds = median_seconds(partial(packed_iteration, pack, stacked_real, args.n_dis, z_dim),
                                  device, args.warmup, args.iters)
+        share = "" if fid is None else f" {fid / (fid + PAPER_EVAL_EVERY * seconds / k):>10.1%}"
         print(f"{k:>4} {1000 * seconds:>18.1f} {k / seconds:>18.2f} {1 / separate:>14.2f} "
-              f"{k * separate / seconds:>7.2f}", flush=True)
+              f"{k * separate / seconds:>7.2f}" + share, flush=True)
         del pack, stacked_real
     if args.profile is not None:
         k = args.profile
