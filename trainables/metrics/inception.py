@@ -7,8 +7,8 @@ they cannot be; real-image statistics from our own cache (reference.py) rather t
 one; and an evaluation that stays on the device: the generated images' features are gathered there in large
 batches, and FID's statistics and distance are computed there in float64 against the reference's square root
 computed once (frechet.FrechetReference). torch-fidelity's statistics and general eigenvalue problem of
-sigma1·sigma2 run on the CPU: 3.7 s of a FID-10k on 2 cores, as long as an H100 takes for the Inception
-passes of all 10k images. Steps: images -> features -> statistics -> metric.
+sigma1·sigma2 run on the CPU: 3.7 s of a FID-10k on 2 cores, more than the Inception passes of all 10k
+images take on an H100 (2.1 s at 4,731 img/s). Steps: images -> features -> statistics -> metric.
 """
 
 from __future__ import annotations
