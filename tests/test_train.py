@@ -212,19 +212,18 @@ def test_bad_config_fails_before_training_naming_the_field(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_trial_matches_eager_training_within_float_tolerance(tmp_path):
-    config = {"variant": "sn", "iterations": 15, "n_dis": 2}
+    config = {"variant": "sn", "iterations": 3, "n_dis": 2, "log_every": 1}
     _, eager = run(tmp_path, "eager", **config)
     _, compiled = run(tmp_path, "compiled", compile=True, **config)
-    assert [m["iteration"] for m in compiled.reports] == [m["iteration"] for m in eager.reports]
-    assert [m["iteration"] for m in eager.reports] == [5, 10, 15]
+    assert [m["iteration"] for m in compiled.reports] == [m["iteration"] for m in eager.reports] == [1, 2, 3]
     keys = ["loss_d", "loss_g", "d_real", "d_fake"] + [key for key in eager.reports[-1]
                                                       if key.startswith(("sigma/", "grad_norm/D/"))]
     assert len(keys) > 4 + 7
-    # Each step computes the same gradients to ~1e-7 (tests/test_normalization.py checks every variant's
-    # step exactly); over iterations Adam amplifies that float noise, by how much depends on the kernels
-    # inductor picks (measured after 10-15 iterations: 2e-6 on one machine, 6e-4 on a per-layer gradient
-    # norm on another; bssn at this tiny size turns chaotic within 10 iterations, 1e-3 apart at 5). The
-    # weights are not compared: Adam turns noise-level gradient components into ±lr steps in either run.
+    # Each step computes the same gradients to ~1e-7 (tests/test_normalization.py checks every variant's step
+    # exactly in float64), but this tiny GAN is chaotic: Adam turns noise-level gradient components into ±lr
+    # steps, and the runs drift apart exponentially (measured, one thread: 1e-6 at iterations 1-2, 1.4e-5 at
+    # 3, 1e-4 at 4, 1e-2 at 8). So only the first iterations are compared: the compiled D with u overwritten
+    # in its own graph (the wrong gradient PowerIterationStarts avoids) is already 3e-2 off at iteration 1.
     for fast, slow in zip(compiled.reports, eager.reports, strict=True):
         for key in keys:
-            assert fast[key] == pytest.approx(slow[key], rel=1e-2, abs=1e-3), (fast["iteration"], key)
+            assert fast[key] == pytest.approx(slow[key], rel=1e-3, abs=1e-6), (fast["iteration"], key)
