@@ -200,6 +200,8 @@ def train(config: TrialConfig | dict, report: Report, *, workdir: str | Path,
             z = torch.randn(cfg.batch_size, cfg.z_dim, generator=noise, device=device)
             with torch.no_grad():
                 fake = train_g(z)
+            if cfg.compile:  # a copy: CUDA graphs reuse an output's memory once the next compiled call starts
+                fake = fake.clone()  # and fake is read after train_d (the WGAN-GP penalty, the logging step)
             # One D forward on real and fake together: one power iteration per D step, as the official code.
             if power_iteration_starts is not None:
                 power_iteration_starts.refresh()
@@ -215,9 +217,8 @@ def train(config: TrialConfig | dict, report: Report, *, workdir: str | Path,
             if logging_step and d_step == cfg.n_dis - 1:
                 metrics |= gradient_norms(discriminator, "grad_norm/D")
             opt_d.step()
-        if logging_step:  # copies: a compiled CUDA-graph output is overwritten by the graphs run after it
+        if logging_step:  # copies, before the G step's compiled calls (as fake above)
             d_real, d_fake = d_out.detach()[: cfg.batch_size].clone(), d_out.detach()[cfg.batch_size:].clone()
-            fake = fake.clone()
 
         # G step: D's weights need no gradients, only the path through D to G; and, as in the official code,
         # D's forward here advances no power iteration (u, v as the last D step left them).
