@@ -5,7 +5,8 @@
 
 Both paths generate `--images` images with the standard CNN generator at 32 px (width 1.0) and take
 torch-fidelity's TF-compatible InceptionV3 features of them, built with random weights (the real ones cost the
-same and cannot be downloaded here), against the same cached real statistics (computed once, not timed):
+same and cannot be downloaded here), against the same 2048-d reference statistics (a trial has them cached;
+not timed):
 
 - ours: the steps of `trainables.metrics.Evaluator` (features in batches of 500 on CUDA, Inception in
   channels_last, kept on the device; FID's float64 statistics and distance there against the reference's
