@@ -28,6 +28,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from iteration_time import device_name, synchronize
 from torch_fidelity import GenerativeModelModuleWrapper
 from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
@@ -52,11 +53,6 @@ def random_inception_weights(folder: Path) -> Path:
     path = folder / INCEPTION_FILE
     torch.save(network.state_dict(), path)
     return path
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class GeneratorImages(torch.nn.Module):
@@ -144,10 +140,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     n_images = args.images or (FULL if device.type == "cuda" else 100)
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"CPU ({torch.get_num_threads()} threads)")
-    print(f"device: {name}; torch {torch.__version__}; FID of the standard CNN generator at 32 px, "
-          f"{n_images} images timed, scaled to {FULL}")
+    print(f"device: {device_name(device)}; torch {torch.__version__}; FID of the standard CNN generator at "
+          f"32 px, {n_images} images timed, scaled to {FULL}")
     reference = reference_statistics()
     with tempfile.TemporaryDirectory() as workdir:
         weights = random_inception_weights(Path(workdir))

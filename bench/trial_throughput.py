@@ -20,6 +20,7 @@ import tempfile
 import numpy as np
 import torch
 from evaluation import fid_seconds
+from iteration_time import device_name
 
 from trainables.train import resolve_device, train
 
@@ -54,10 +55,8 @@ def main() -> None:
     parser.add_argument("--no-fid", action="store_true", help="time the trials only")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"CPU ({torch.get_num_threads()} threads)")
-    print(f"device: {name}; torch {torch.__version__}; standard CNN 32 px, width {args.width}, "
-          f"batch {args.batch_size}, n_dis {args.n_dis}")
+    print(f"device: {device_name(device)}; torch {torch.__version__}; standard CNN 32 px, "
+          f"width {args.width}, batch {args.batch_size}, n_dis {args.n_dis}")
 
     speeds = {}
     for variant in ("sn", "bssn"):

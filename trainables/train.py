@@ -97,16 +97,25 @@ def train(config: TrialConfig | dict, report: Report, *, workdir: str | Path,
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.g_lr, betas=betas, fused=fused)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.d_lr, betas=betas, fused=fused)
     # The training steps' forwards; evaluation and diagnostics use the eager modules (the same parameters).
-    train_g, train_d, power_iteration_starts = generator, discriminator, None
+    train_g, train_d = generator, discriminator
     if cfg.compile:
         mode = "reduce-overhead" if device.type == "cuda" else "default"  # CUDA graphs: no launch per kernel
         # fullgraph: a graph break would split the CUDA graphs and bring back a launch per kernel around it.
         # The reset: in a worker process reused for several trials, earlier trials' graphs would count
         # toward dynamo's recompile limit (8 per code object), beyond which fullgraph fails.
         torch.compiler.reset()
-        train_g = torch.compile(generator, mode=mode, fullgraph=True)
-        train_d = torch.compile(discriminator, mode=mode, fullgraph=True)
+        compiled_g = torch.compile(generator, mode=mode, fullgraph=True)
+        compiled_d = torch.compile(discriminator, mode=mode, fullgraph=True)
         power_iteration_starts = PowerIterationStarts(discriminator)
+
+        # The outputs are copies: CUDA graphs reuse an output's memory once the next compiled call starts,
+        # and the loop reads fake and D's output after later calls (the WGAN-GP penalty, logging steps).
+        def train_g(z: torch.Tensor) -> torch.Tensor:
+            return compiled_g(z).clone()
+
+        def train_d(images: torch.Tensor) -> torch.Tensor:
+            power_iteration_starts.refresh()  # where this forward's power iterations start: the current u
+            return compiled_d(images).clone()
 
     n_real = min(cfg.eval_real, len(source))
     evaluator = Evaluator(
@@ -200,11 +209,7 @@ def train(config: TrialConfig | dict, report: Report, *, workdir: str | Path,
             z = torch.randn(cfg.batch_size, cfg.z_dim, generator=noise, device=device)
             with torch.no_grad():
                 fake = train_g(z)
-            if cfg.compile:  # a copy: CUDA graphs reuse an output's memory once the next compiled call starts
-                fake = fake.clone()  # and fake is read after train_d (the WGAN-GP penalty, the logging step)
             # One D forward on real and fake together: one power iteration per D step, as the official code.
-            if power_iteration_starts is not None:
-                power_iteration_starts.refresh()
             d_out = train_d(torch.cat([real, fake]))
             loss_d = discriminator_loss(cfg.loss, d_out[: cfg.batch_size], d_out[cfg.batch_size:])
             if cfg.loss == "wgan_gp":
@@ -217,8 +222,7 @@ def train(config: TrialConfig | dict, report: Report, *, workdir: str | Path,
             if logging_step and d_step == cfg.n_dis - 1:
                 metrics |= gradient_norms(discriminator, "grad_norm/D")
             opt_d.step()
-        if logging_step:  # copies, before the G step's compiled calls (as fake above)
-            d_real, d_fake = d_out.detach()[: cfg.batch_size].clone(), d_out.detach()[cfg.batch_size:].clone()
+        d_real, d_fake = d_out.detach()[: cfg.batch_size], d_out.detach()[cfg.batch_size:]
 
         # G step: D's weights need no gradients, only the path through D to G; and, as in the official code,
         # D's forward here advances no power iteration (u, v as the last D step left them).
