@@ -1,10 +1,11 @@
 """Time one training iteration per discriminator normalization, as a ratio to `none` timed in the same run.
 
-One iteration is train.py's loop without its diagnostics: n_dis D steps (G's samples without gradients, one D
-forward on real and fake together, hinge loss, Adam) and one G step (D's weights frozen). Standard CNN at
-32 px, batch 64, random real images already on the device (no data loading). Every variant's networks start
-from the same seed. `torch_sn` is the reference row: PyTorch's stock
-torch.nn.utils.parametrizations.spectral_norm on every Conv2d and Linear of D.
+One iteration is train()'s own, without its logging steps: `trainables.trial.train_iteration` over train.py's
+`SingleStep` on a trial built by `Trial.build` (n_dis D steps: G's samples without gradients, one D forward
+on real and fake together, hinge loss, Adam; one G step through D with frozen weights and power iterations;
+the device-side divergence monitor after each). Standard CNN at 32 px, batch 64, random real images already
+on the device (no data loading). Every variant's networks start from the same seed. `torch_sn` is the
+reference row: PyTorch's stock torch.nn.utils.parametrizations.spectral_norm on every Conv2d and Linear of D.
 
 The variants are timed in interleaved rounds (one iteration of each per round, in a rotating order), so that a
 slow spell of a shared machine hits them all alike; each row is the median of its timed iterations.
@@ -26,9 +27,9 @@ import torch
 from torch import nn
 
 from trainables.config import VARIANTS, TrialConfig
-from trainables.losses import discriminator_loss, generator_loss
-from trainables.networks import build_discriminator, build_generator
-from trainables.normalization import normalize
+from trainables.data import load_images
+from trainables.train import SingleStep
+from trainables.trial import Trial, train_iteration
 
 ARCHITECTURE, RESOLUTION = "standard_cnn", 32
 REFERENCE = "torch_sn"  # PyTorch's stock spectral norm, for scale
@@ -37,56 +38,30 @@ CHOICES = (*VARIANTS, REFERENCE)
 
 @dataclass
 class Trainee:
-    """One variant's networks and optimisers."""
+    """One variant's trial (its networks, optimisers, latents and monitor) and the step train() runs on it."""
 
     variant: str
-    generator: nn.Module
-    discriminator: nn.Module
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
+    trial: Trial
+    step: SingleStep
 
 
-def make_trainee(variant: str, width: float, device: torch.device, defaults: TrialConfig) -> Trainee:
-    torch.manual_seed(defaults.seed)
-    generator = build_generator(ARCHITECTURE, RESOLUTION, z_dim=defaults.z_dim, width=width).to(device)
-    discriminator = build_discriminator(ARCHITECTURE, RESOLUTION, width=width).to(device)
-    if variant == REFERENCE:
-        for layer in list(discriminator.modules()):
+def make_trainee(variant: str, config: TrialConfig, device: torch.device) -> Trainee:
+    """A trial built as train() builds it; `torch_sn`: none of our normalizations, PyTorch's stock SN."""
+    cfg = config.model_copy(update={"variant": "none" if variant == REFERENCE else variant,
+                                    "device": str(device)})
+    workdir = Path("unused-bench-workdir")  # never created: only logging steps write, and none runs
+    trial = Trial.build(cfg, lambda metrics, checkpoint_dir=None: None, load_images("digits", "", RESOLUTION),
+                        device, workdir=workdir, checkpoint_dir=workdir)
+    if variant == REFERENCE:  # the parametrization keeps the Parameter objects Adam already holds
+        for layer in list(trial.discriminator.modules()):
             if isinstance(layer, nn.Conv2d | nn.Linear):
                 torch.nn.utils.parametrizations.spectral_norm(layer)
-    else:
-        normalize(discriminator, variant, scale=defaults.scale,
-                  n_power_iterations=defaults.n_power_iterations,
-                  grad_through_power_iteration=defaults.sn_grad_through_power_iteration,
-                  example_input=torch.zeros(1, 3, RESOLUTION, RESOLUTION, device=device))
-    betas = (defaults.beta1, defaults.beta2)
-    return Trainee(variant, generator, discriminator,
-                   torch.optim.Adam(generator.parameters(), lr=defaults.g_lr, betas=betas),
-                   torch.optim.Adam(discriminator.parameters(), lr=defaults.d_lr, betas=betas))
+    return Trainee(variant, trial, SingleStep(trial))
 
 
-def training_iteration(t: Trainee, real: torch.Tensor, n_dis: int, z_dim: int) -> None:
-    """n_dis D steps and one G step on real images (B, 3, R, R) in [-1, 1], as train.py's loop."""
-    batch = real.shape[0]
-    for _ in range(n_dis):
-        z = torch.randn(batch, z_dim, device=real.device)
-        with torch.no_grad():
-            fake = t.generator(z)
-        d_out = t.discriminator(torch.cat([real, fake]))
-        loss_d = discriminator_loss("hinge", d_out[:batch], d_out[batch:])
-        t.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        t.opt_d.step()
-    d_params = [p for p in t.discriminator.parameters() if p.requires_grad]
-    for p in d_params:
-        p.requires_grad_(False)
-    z = torch.randn(batch, z_dim, device=real.device)
-    loss_g = generator_loss("hinge", t.discriminator(t.generator(z)))
-    t.opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    for p in d_params:
-        p.requires_grad_(True)
-    t.opt_g.step()
+def training_iteration(t: Trainee, real: torch.Tensor) -> None:
+    """One iteration of train()'s loop on real images (B, 3, R, R) in [-1, 1]: its step, without logging."""
+    train_iteration(t.step, t.trial.monitor, 1, t.trial.config.n_dis, lambda: real, t.trial.latents)
 
 
 def synchronize(device: torch.device) -> None:
@@ -94,7 +69,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_variants(trainees: list[Trainee], real: torch.Tensor, *, n_dis: int, z_dim: int, warmup: int,
+def time_variants(trainees: list[Trainee], real: torch.Tensor, *, warmup: int,
                   iters: int) -> dict[str, float]:
     """Median seconds per iteration of each trainee, over `iters` interleaved rounds after `warmup` rounds."""
     seconds: dict[str, list[float]] = {t.variant: [] for t in trainees}
@@ -103,7 +78,7 @@ def time_variants(trainees: list[Trainee], real: torch.Tensor, *, n_dis: int, z_
         for t in trainees[shift:] + trainees[:shift]:  # rotating order: no variant always runs first
             synchronize(real.device)
             start = time.perf_counter()
-            training_iteration(t, real, n_dis, z_dim)
+            training_iteration(t, real)
             synchronize(real.device)
             if round_ >= warmup:
                 seconds[t.variant].append(time.perf_counter() - start)
@@ -153,12 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    defaults = TrialConfig()
+    config = TrialConfig(architecture=ARCHITECTURE, resolution=RESOLUTION, width=args.width,
+                         batch_size=args.batch_size, n_dis=args.n_dis)
     variants = ["none"] + [v for v in dict.fromkeys(args.variants) if v != "none"]
-    trainees = [make_trainee(v, args.width, device, defaults) for v in variants]
+    trainees = [make_trainee(v, config, device) for v in variants]
     real = torch.rand(args.batch_size, 3, RESOLUTION, RESOLUTION, device=device) * 2 - 1
-    seconds = time_variants(trainees, real, n_dis=args.n_dis, z_dim=defaults.z_dim, warmup=args.warmup,
-                            iters=args.iters)
+    seconds = time_variants(trainees, real, warmup=args.warmup, iters=args.iters)
 
     print(f"device: {device} ({device_name(device)}); torch {torch.__version__}")
     print(f"{ARCHITECTURE} {RESOLUTION} px, width {args.width}, batch {args.batch_size}, n_dis {args.n_dis}, "

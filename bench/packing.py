@@ -1,8 +1,10 @@
 """Iterations per second of K trials packed into one batched computation against separate trials.
 
-One iteration is n_dis D steps and one G step of every member (trainables.packing.PackedGAN: vmap over
-stacked parameters, grouped convolutions, a per-member Adam); a separate trial is train.py's loop without its
-diagnostics (bench/iteration_time.py's `training_iteration`, torch.optim.Adam). Standard CNN at 32 px, random
+One iteration is n_dis D steps and one G step of every member, as train_pack() runs it
+(`trainables.trial.train_iteration` over trainables.packing.PackedStep: vmap over stacked parameters, grouped
+convolutions, a per-member Adam, the packed divergence monitor); a separate trial is train()'s own iteration
+(bench/iteration_time.py's `training_iteration`: train.py's SingleStep, torch.optim.Adam). Neither runs its
+logging steps. Standard CNN at 32 px, random
 real images already on the device (no data loading, no logging steps). Separate trials run one after another,
 so K of them together make as many iterations per second as one: the table shows that rate once and each
 pack's rate summed over its members, as absolute it/s and as a ratio.
@@ -24,15 +26,24 @@ import argparse
 import statistics
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 from evaluation import fid_seconds
-from iteration_time import device_name, int_at_least, make_trainee, synchronize, training_iteration
+from iteration_time import (
+    RESOLUTION,
+    device_name,
+    int_at_least,
+    make_trainee,
+    synchronize,
+    training_iteration,
+)
 
 from trainables.config import TrialConfig
-from trainables.packing import PackedGAN, build_member_networks
+from trainables.data import load_images
+from trainables.packing import PackedStep, PackedStepMonitor
+from trainables.trial import Trial, train_iteration
 
-RESOLUTION = 32
 PAPER_EVAL_EVERY = 10_000  # generator iterations between two evaluations of a member (the official code)
 
 
@@ -44,17 +55,22 @@ def member_configs(k: int, args: argparse.Namespace) -> list[TrialConfig]:
                         g_lr=lrs[i % 2], d_lr=lrs[(i // 2) % 2], device=args.device) for i in range(k)]
 
 
-def build_pack(configs: list[TrialConfig], device: torch.device) -> PackedGAN:
-    networks = [build_member_networks(cfg, device)[:2] for cfg in configs]
-    return PackedGAN([g for g, _ in networks], [d for _, d in networks], configs, device)
+class Pack:
+    """K member trials built as train_pack() builds them, their packed step and monitor."""
+
+    def __init__(self, configs: list[TrialConfig], device: torch.device):
+        workdir = Path("unused-bench-workdir")  # never created: only logging steps write, and none runs
+        source = load_images("digits", "", RESOLUTION)
+        trials = [Trial.build(cfg, lambda metrics, checkpoint_dir=None: None, source, device, workdir=workdir,
+                              checkpoint_dir=workdir) for cfg in configs]
+        self.n_dis = configs[0].n_dis
+        self.step = PackedStep(trials)
+        self.monitor = PackedStepMonitor([trial.monitor for trial in trials], device)
 
 
-def packed_iteration(pack: PackedGAN, real: torch.Tensor, n_dis: int, z_dim: int) -> None:
-    """n_dis D steps and one G step of every member; real: (K, B, 3, R, R)."""
-    k, batch = real.shape[:2]
-    for _ in range(n_dis):
-        pack.d_step(real, torch.randn(k, batch, z_dim, device=real.device))
-    pack.g_step(torch.randn(k, batch, z_dim, device=real.device))
+def packed_iteration(pack: Pack, real: torch.Tensor) -> None:
+    """One iteration of train_pack()'s loop without logging; real: (K, B, 3, R, R)."""
+    train_iteration(pack.step, pack.monitor, 1, pack.n_dis, lambda: real, pack.step.latents)
 
 
 def median_seconds(step, device: torch.device, warmup: int, iters: int) -> float:
@@ -70,16 +86,15 @@ def median_seconds(step, device: torch.device, warmup: int, iters: int) -> float
     return statistics.median(seconds)
 
 
-def profile_packed_iteration(pack: PackedGAN, real: torch.Tensor, n_dis: int, z_dim: int,
-                             device: torch.device, rows: int = 20) -> None:
+def profile_packed_iteration(pack: Pack, real: torch.Tensor, device: torch.device, rows: int = 20) -> None:
     """Print torch.profiler's table of one packed iteration (after a warm-up one), by self device time."""
     from torch.profiler import ProfilerActivity, profile
 
-    packed_iteration(pack, real, n_dis, z_dim)
+    packed_iteration(pack, real)
     synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        packed_iteration(pack, real, n_dis, z_dim)
+        packed_iteration(pack, real)
         synchronize(device)
     events = prof.key_averages()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -119,13 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    defaults = member_configs(1, args)[0]
-    z_dim = defaults.z_dim
-
-    trainee = make_trainee(args.variant, args.width, device, defaults)
+    trainee = make_trainee(args.variant, member_configs(1, args)[0], device)
     real = torch.rand(args.batch_size, 3, RESOLUTION, RESOLUTION, device=device) * 2 - 1
-    separate = median_seconds(partial(training_iteration, trainee, real, args.n_dis, z_dim), device,
-                              args.warmup, args.iters)
+    separate = median_seconds(partial(training_iteration, trainee, real), device, args.warmup, args.iters)
 
     print(f"device: {device} ({device_name(device)}); torch {torch.__version__}")
     print(f"standard_cnn {RESOLUTION} px, {args.variant}, width {args.width}, batch {args.batch_size}, "
@@ -139,10 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'K':>4} {'ms/pack iteration':>18} {'packed it/s (sum)':>18} {'separate it/s':>14} {'ratio':>7}"
           + share_header)
     for k in args.packs:
-        pack = build_pack(member_configs(k, args), device)
+        pack = Pack(member_configs(k, args), device)
         stacked_real = real.expand(k, *real.shape).contiguous()
-        seconds = median_seconds(partial(packed_iteration, pack, stacked_real, args.n_dis, z_dim),
-                                 device, args.warmup, args.iters)
+        seconds = median_seconds(partial(packed_iteration, pack, stacked_real), device, args.warmup,
+                                 args.iters)
         share = "" if fid is None else f" {fid / (fid + PAPER_EVAL_EVERY * seconds / k):>10.1%}"
         print(f"{k:>4} {1000 * seconds:>18.1f} {k / seconds:>18.2f} {1 / separate:>14.2f} "
               f"{k * separate / seconds:>7.2f}" + share, flush=True)
@@ -150,8 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile is not None:
         k = args.profile
         print(f"\nprofile of one packed iteration, K = {k}:")
-        pack = build_pack(member_configs(k, args), device)
-        profile_packed_iteration(pack, real.expand(k, *real.shape).contiguous(), args.n_dis, z_dim, device)
+        pack = Pack(member_configs(k, args), device)
+        profile_packed_iteration(pack, real.expand(k, *real.shape).contiguous(), device)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from trainables.config import SCALED_VARIANTS, VARIANTS, ConfigError
 from trainables.data import BatchSampler
 from trainables.metrics.fd_digits import DigitsFeatureExtractor
 from trainables.packing import PackedAdam, train_pack
-from trainables.train import CHECKPOINT_FILE, train
+from trainables.train import train
+from trainables.trial import CHECKPOINT_FILE
 
 TINY = {
     "width": 0.125, "batch_size": 8, "z_dim": 16, "iterations": 40, "log_every": 5, "eval_every": 1000,

@@ -364,7 +364,8 @@ def test_hung_mlflow_server_at_the_start_is_refused_within_15_s_before_any_trial
 # ---- 4. divergence injected into the trials of a study with ASHA, and with Optuna -------------------------
 
 # sitecustomize for the study's processes: once a Ray worker imports trainables.train, trials with seed 1, 2
-# or 3 get a NaN batch, an inf D gradient or a NaN D loss at D step 7 (the real code paths, poisoned values).
+# or 3 get a NaN batch, an inf D gradient or a NaN D loss at D step 7 (the real code paths, poisoned values):
+# the sampler and D are built in trainables.trial, the loss is taken in trainables.train.
 INJECTOR = textwrap.dedent('''
     import importlib.abc
     import importlib.util
@@ -376,7 +377,8 @@ INJECTOR = textwrap.dedent('''
 
 
     def poison(train_module):
-        original = dict(vars(train_module))
+        trial_module = sys.modules["trainables.trial"]
+        original = dict(vars(train_module)) | dict(vars(trial_module))
 
         def train(config, report, **kwargs):
             fault = FAULT_BY_SEED.get(train_module.parse_config(config).seed)
@@ -401,14 +403,15 @@ INJECTOR = textwrap.dedent('''
                 bias.register_hook(lambda grad: grad * math.inf if hit() else grad)
                 return discriminator
 
-            patched = {"nan_data": {"BatchSampler": Sampler},
-                       "nan_loss": {"discriminator_loss": discriminator_loss},
-                       "inf_grad": {"build_discriminator": build_discriminator}}.get(fault, {})
-            vars(train_module).update(patched)
+            module, patched = {"nan_data": (trial_module, {"BatchSampler": Sampler}),
+                               "nan_loss": (train_module, {"discriminator_loss": discriminator_loss}),
+                               "inf_grad": (trial_module, {"build_discriminator": build_discriminator}),
+                               }.get(fault, (train_module, {}))
+            vars(module).update(patched)
             try:
                 return original["train"](config, report, **kwargs)
             finally:
-                vars(train_module).update({name: original[name] for name in patched})
+                vars(module).update({name: original[name] for name in patched})
 
         train_module.train = train
 

@@ -22,7 +22,8 @@ import yaml
 
 from study.spec import StudyError, load_spec
 from trainables.data import load_images
-from trainables.train import CHECKPOINT_FILE, CheckpointError, train
+from trainables.train import train
+from trainables.trial import CHECKPOINT_FILE, CheckpointError
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 THIS_FILE = Path(__file__).resolve()

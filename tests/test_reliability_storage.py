@@ -16,7 +16,9 @@ import torch
 
 from study.run import main as study_main
 from trainables.__main__ import main as trial_main
-from trainables.train import CHECKPOINT_FILE, CheckpointError, train
+from trainables.packing import member_name, train_pack
+from trainables.train import train
+from trainables.trial import CHECKPOINT_FILE, CheckpointError
 
 TINY = {"width": 0.125, "batch_size": 8, "z_dim": 16, "iterations": 20, "log_every": 5, "eval_every": 1000,
         "checkpoint_every": 10, "eval_generated": 64, "eval_real": 64, "device": "cpu"}
@@ -144,6 +146,34 @@ def test_full_disk_at_a_checkpoint_is_named_and_the_previous_checkpoint_stays_wh
     summary = train(config, lambda metrics, checkpoint_dir=None: reports.append(metrics["iteration"]),
                     workdir=workdir, resume_from=workdir / "checkpoint")
     assert reports == [15, 20, 25, 30] and summary["done"] == 1
+
+
+def test_full_disk_at_a_pack_checkpoint_gets_the_single_trials_error_and_keeps_every_member_checkpoint(
+        small_disk):
+    workdir = small_disk / "pack"
+    folders = [workdir / "checkpoint" / member_name(k) for k in range(2)]
+    saved: dict[Path, str] = {}
+
+    def report(metrics, checkpoint_dir=None):
+        if checkpoint_dir is not None and Path(checkpoint_dir) == folders[-1] and not saved:
+            saved.update({folder: hashlib.sha256((folder / CHECKPOINT_FILE).read_bytes()).hexdigest()
+                          for folder in folders})
+            fill(small_disk)  # the disk fills up right after the pack's first checkpoint
+
+    configs = [TINY | {"iterations": 30, "seed": seed} for seed in (0, 1)]
+    with pytest.raises(CheckpointError) as info:
+        train_pack(configs, [report, report], workdir=workdir)
+    assert f"cannot write checkpoint {folders[0] / CHECKPOINT_FILE}" in str(info.value)
+    assert "bytes free there; the previous checkpoint is kept" in str(info.value)
+    for folder in folders:
+        assert hashlib.sha256((folder / CHECKPOINT_FILE).read_bytes()).hexdigest() == saved[folder]
+        assert sorted(p.name for p in folder.iterdir()) == [CHECKPOINT_FILE]  # no partial file left
+
+    (small_disk / "filler").unlink()  # space again: the pack resumes from the kept checkpoints and finishes
+    reports: list[list[int]] = [[], []]
+    summaries = train_pack(configs, [lambda metrics, checkpoint_dir=None, k=k: reports[k].append(
+        metrics["iteration"]) for k in range(2)], workdir=workdir, resume_from=workdir / "checkpoint")
+    assert reports == [[15, 20, 25, 30]] * 2 and all(summary["done"] == 1 for summary in summaries)
 
 
 # ---- unwritable storage ------------------------------------------------------------------------------------

@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
-import trainables.train as train_module
+import trainables.trial as trial_module
 from trainables.config import ConfigError
 from trainables.data import BatchSampler
-from trainables.train import CHECKPOINT_FILE, train
+from trainables.train import train
+from trainables.trial import CHECKPOINT_FILE
 
 # Small enough for two CPU cores; evaluation only where a test needs it.
 TINY = {
@@ -138,7 +139,7 @@ def test_nan_in_a_batch_is_a_nonfinite_loss_at_that_iteration(tmp_path, monkeypa
 
 
 def test_nonfinite_gradient_with_finite_loss_is_named_as_such(tmp_path, monkeypatch):
-    build = train_module.build_discriminator
+    build = trial_module.build_discriminator
     d_steps = {"n": 0}
 
     def poisoned_discriminator(*args, **kwargs):
@@ -152,7 +153,7 @@ def test_nonfinite_gradient_with_finite_loss_is_named_as_such(tmp_path, monkeypa
         first_bias.register_hook(poison)
         return discriminator
 
-    monkeypatch.setattr(train_module, "build_discriminator", poisoned_discriminator)
+    monkeypatch.setattr(trial_module, "build_discriminator", poisoned_discriminator)
     summary, _ = run(tmp_path, variant="none")
     assert (summary["divergence_cause"], summary["divergence_step"]) == ("nonfinite_grad", 9)
 
@@ -179,7 +180,7 @@ def zeroed(build):
 
 
 def test_zeroed_discriminator_is_grad_vanishing_after_patience_logging_steps(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "build_discriminator", zeroed(train_module.build_discriminator))
+    monkeypatch.setattr(trial_module, "build_discriminator", zeroed(trial_module.build_discriminator))
     summary, _ = run(tmp_path, variant="none", log_every=5, divergence={"grad_vanishing_patience": 3})
     assert (summary["divergence_cause"], summary["divergence_step"]) == ("grad_vanishing", 15)
 
@@ -191,7 +192,7 @@ def test_metric_above_cap_is_a_blowup_at_that_evaluation(tmp_path):
 
 
 def test_constant_generator_is_mode_collapse_and_d_saturation(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "build_generator", zeroed(train_module.build_generator))
+    monkeypatch.setattr(trial_module, "build_generator", zeroed(trial_module.build_generator))
     summary, recorder = run(tmp_path, variant="none", g_lr=1e-12, eval_every=20, iterations=40,
                             log_every=1, divergence={"mode_collapse": 1e-3, "d_saturation_patience": 3})
     assert summary["diverged"] == 0  # both causes are recorded, not stopped, by default

@@ -19,7 +19,8 @@ import yaml
 from trainables.config import ConfigError, merge, parse_config, parse_overrides
 from trainables.data import DatasetNotFoundError
 from trainables.metrics import InceptionWeightsMissingError
-from trainables.train import CHECKPOINT_FILE, CheckpointError, train
+from trainables.train import train
+from trainables.trial import CHECKPOINT_FILE, CheckpointError
 
 
 def print_progress(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:

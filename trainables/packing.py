@@ -8,13 +8,14 @@ the optimiser and the gradient norms are one kernel each), and every forward is
 convolution. Buffers (G's batch-norm statistics, D's power-iteration vectors u, v) are stacked per member and
 updated in place through vmap. `PackedAdam` is torch.optim.Adam's update with each member's own lr and betas.
 
-Each member is still its own trial: the same initialisation, data stream and latents as `train(config_k)`
-(the same seeding, one `BatchSampler` and one noise generator per member), the same `report(metrics,
-checkpoint_dir)` contract with the same keys (train.py), its own divergence watch and events, samples and
-events under `workdir/member_<k>/`, and its own checkpoint `workdir/checkpoint/member_<k>/state.pt` in
-train.py's format, which `train(config_k, resume_from=...)` can also resume alone. A member that stops
-(a divergence cause whose policy is `stop`) reports `done` with its cause and step and leaves the pack: the
-stacks keep only the active members, so the others go on unchanged and a stopped member costs nothing more.
+Only the step is packed (`PackedStep`, the vmapped counterpart of train.py's `SingleStep`). Each member is a
+`trainables.trial.Trial`, built, checkpointed, evaluated and logged by the same code as a single trial: the
+same initialisation, data stream and latents as `train(config_k)`, the same `report(metrics,
+checkpoint_dir)` contract and keys, its own divergence watch and events, samples and events under
+`workdir/member_<k>/`, and its own checkpoint `workdir/checkpoint/member_<k>/state.pt` in train.py's format,
+which `train(config_k, resume_from=...)` can also resume alone. A member that stops (a divergence cause whose
+policy is `stop`) reports `done` with its cause and step and leaves the pack: the stacks keep only the active
+members, so the others go on unchanged and a stopped member costs nothing more.
 
 Every variant packs; the WGAN-GP loss does not (its gradient penalty differentiates D's input gradient,
 which needs torch.func.grad inside vmap), and so neither do the learned-gamma SN variants with their default
@@ -26,13 +27,9 @@ loss (they pack with `loss: hinge`). Train those with `train()`.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,26 +47,23 @@ from trainables.config import (
     TrialConfig,
     parse_config,
 )
-from trainables.data import BatchSampler, load_images, real_images
-from trainables.diagnostics import (
-    gradient_norms,
-    input_gradient_norms,
-    sample_diversity,
-    save_sample_grid,
-    spectral_metrics,
-)
-from trainables.events import DivergenceWatch, StepMonitor
+from trainables.data import load_images
+from trainables.diagnostics import gradient_norms
+from trainables.events import StepMonitor
 from trainables.losses import discriminator_loss, generator_loss
-from trainables.metrics import Evaluator
-from trainables.networks import build_discriminator, build_generator
-from trainables.normalization import SpectralNormalization, frozen_parametrizations, normalize
-from trainables.train import (
+from trainables.normalization import SpectralNormalization, frozen_parametrizations
+from trainables.trial import (
     CHECKPOINT_FILE,
-    GRID_SAMPLES,
+    DStep,
+    GStep,
     Report,
-    finite_only,
-    load_checkpoint,
+    TrainingRate,
+    Trial,
+    build_evaluator,
+    is_logging_step,
+    logged_values,
     resolve_device,
+    train_iteration,
 )
 
 ADAM_EPS = 1e-8  # torch.optim.Adam's default, as train.py uses it
@@ -289,169 +283,85 @@ class PackedStepMonitor:
             setattr(self, name, getattr(self, name)[rows])
 
 
-class PackedGAN:
-    """The packed training step: K generators and discriminators, each member's step as train.py's loop.
+class PackedStep:
+    """The packed training step (trainables.trial.Step): K members' D and G steps, each as train.py's.
 
-    real: (K, B, 3, R, R) in [-1, 1]; z: (K, B, z_dim). Members are rows, in the order they were given.
+    real: (K, B, 3, R, R) in [-1, 1]; z: (K, B, z_dim). Members are rows, in the order of `trials`; the member
+    trials' own modules and optimisers seed the stacks and receive them back (`write_members`, checkpoints).
     """
 
-    def __init__(self, generators: list[nn.Module], discriminators: list[nn.Module],
-                 configs: list[TrialConfig], device: torch.device, *,
-                 optimizers: list[tuple[torch.optim.Adam, torch.optim.Adam]] | None = None):
-        if optimizers is None:
-            optimizers = [single_trial_optimizers(g, d, cfg)
-                          for g, d, cfg in zip(generators, discriminators, configs, strict=True)]
+    def __init__(self, trials: list[Trial]):
+        configs = [trial.config for trial in trials]
+        device = trials[0].device
         scaled = configs[0].variant in SCALED_VARIANTS
         self.loss = configs[0].loss
+        self.trials = list(trials)
         self.generator = StackedNetwork(
-            generators, [opt_g for opt_g, _ in optimizers], lr=[c.g_lr for c in configs],
+            [t.generator for t in trials], [t.opt_g for t in trials], lr=[c.g_lr for c in configs],
             beta1=[c.beta1 for c in configs], beta2=[c.beta2 for c in configs], scales=None, device=device)
         self.discriminator = StackedNetwork(
-            discriminators, [opt_d for _, opt_d in optimizers], lr=[c.d_lr for c in configs],
+            [t.discriminator for t in trials], [t.opt_d for t in trials], lr=[c.d_lr for c in configs],
             beta1=[c.beta1 for c in configs], beta2=[c.beta2 for c in configs],
             scales=[c.scale for c in configs] if scaled else None, device=device)
+        for trial in trials:  # a member's checkpoint holds its Adam state in train.py's format
+            trial.before_checkpoint = partial(self.save_adam_state, trial)
 
-    def d_step(self, real: Tensor, z: Tensor, *, before_update=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One D step of every member: returns loss_d (K,), grad_norm_d (K,), D's logits (K, 2B), fake.
-
-        before_update(grad (K, N)): called with D's gradients before Adam steps (logging steps).
-        """
+    def d_step(self, real: Tensor, z: Tensor, *, layer_norms: bool = False) -> DStep:
         d = self.discriminator
         with torch.no_grad():
             fake = self.generator(z)  # G in training mode: its batch-norm statistics move, as in train.py
-        d_out = d(torch.cat([real, fake], dim=1))  # one D forward on real and fake: one power iteration
+        logits = d(torch.cat([real, fake], dim=1))  # one D forward on real and fake: one power iteration
         batch = real.shape[1]
-        loss_d = vmap(partial(discriminator_loss, self.loss))(d_out[:, :batch], d_out[:, batch:])
-        (grad,) = torch.autograd.grad(loss_d.sum(), d.flat)  # members are independent: row k is k's gradient
+        loss = vmap(partial(discriminator_loss, self.loss))(logits[:, :batch], logits[:, batch:])
+        (grad,) = torch.autograd.grad(loss.sum(), d.flat)  # members are independent: row k is k's gradient
         grad_norm = d.row_norms(grad)
-        if before_update is not None:
-            before_update(grad)
+        layers = self._layer_norms(d, grad, "discriminator", "grad_norm/D") if layer_norms else None
         d.adam.step(d.flat, grad)
-        return loss_d.detach(), grad_norm, d_out.detach(), fake
+        return DStep(loss.detach(), grad_norm, logits.detach(), fake, layers)
 
-    def g_step(self, z: Tensor, *, before_update=None) -> tuple[Tensor, Tensor]:
-        """One G step of every member through its frozen D: returns loss_g (K,) and grad_norm_g (K,)."""
+    def g_step(self, z: Tensor, *, layer_norms: bool = False) -> GStep:
         g, d = self.generator, self.discriminator
         with frozen_parametrizations(d.template):  # as train.py: this D forward advances no power iteration
             logits = d(g(z), detach_parameters=True)
-        loss_g = vmap(partial(generator_loss, self.loss))(logits)
-        (grad,) = torch.autograd.grad(loss_g.sum(), g.flat)
+        loss = vmap(partial(generator_loss, self.loss))(logits)
+        (grad,) = torch.autograd.grad(loss.sum(), g.flat)
         grad_norm = g.row_norms(grad)
-        if before_update is not None:
-            before_update(grad)
+        layers = self._layer_norms(g, grad, "generator", "grad_norm/G") if layer_norms else None
         g.adam.step(g.flat, grad)
-        return loss_g.detach(), grad_norm
+        return GStep(loss.detach(), grad_norm, layers)
 
-    def keep(self, rows: Tensor) -> None:
+    def _layer_norms(self, network: StackedNetwork, grad: Tensor, module: str, prefix: str) -> list[dict]:
+        """Each member's per-layer gradient norms, by train.py's own function on the member's module."""
+        norms = []
+        for row, trial in enumerate(self.trials):
+            network.gradients_to(row, getattr(trial, module), grad)
+            norms.append(gradient_norms(getattr(trial, module), prefix))
+        return norms
+
+    def real(self) -> Tensor:
+        return torch.stack([trial.sampler.next() for trial in self.trials])
+
+    def latents(self) -> Tensor:
+        return torch.stack([trial.latents() for trial in self.trials])
+
+    def write_members(self) -> None:
+        """Each member's weights and buffers into its trial's modules (for its diagnostics and checkpoint)."""
+        for row, trial in enumerate(self.trials):
+            self.generator.copy_to(row, trial.generator)
+            self.discriminator.copy_to(row, trial.discriminator)
+
+    def save_adam_state(self, trial: Trial) -> None:
+        row = self.trials.index(trial)
+        self.generator.save_adam_state(row, trial.generator, trial.opt_g)
+        self.discriminator.save_adam_state(row, trial.discriminator, trial.opt_d)
+
+    def keep(self, trials: list[Trial]) -> Tensor:
+        """Keep only these members, in this order; returns their rows before."""
+        rows = torch.tensor([self.trials.index(trial) for trial in trials], device=self.generator.flat.device)
         self.generator.keep(rows)
         self.discriminator.keep(rows)
-
-
-def single_trial_optimizers(generator: nn.Module, discriminator: nn.Module,
-                            cfg: TrialConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    """train.py's (opt_g, opt_d): here they carry state in and out of checkpoints in train.py's format."""
-    betas = (cfg.beta1, cfg.beta2)
-    return (torch.optim.Adam(generator.parameters(), lr=cfg.g_lr, betas=betas),
-            torch.optim.Adam(discriminator.parameters(), lr=cfg.d_lr, betas=betas))
-
-
-def build_member_networks(cfg: TrialConfig, device: torch.device) -> tuple[nn.Module, nn.Module, Tensor]:
-    """G and normalized D exactly as train(cfg) builds them (same seed, same draws), and the global RNG
-    state after them (what train() saves as `torch_rng`: nothing in the loop draws from it)."""
-    torch.manual_seed(cfg.seed)
-    generator = build_generator(cfg.architecture, cfg.resolution, z_dim=cfg.z_dim, width=cfg.width).to(device)
-    discriminator = build_discriminator(cfg.architecture, cfg.resolution, width=cfg.width).to(device)
-    normalize(discriminator, cfg.variant, scale=cfg.scale, n_power_iterations=cfg.n_power_iterations,
-              grad_through_power_iteration=cfg.sn_grad_through_power_iteration,
-              example_input=torch.zeros(1, 3, cfg.resolution, cfg.resolution, device=device))
-    return generator, discriminator, torch.get_rng_state()
-
-
-@dataclass
-class Member:
-    """One trial of the pack: everything train.py keeps for it besides the stacked tensors."""
-
-    index: int  # position in the configs given to train_pack
-    config: TrialConfig
-    report: Report
-    workdir: Path
-    generator: nn.Module  # its own modules: written from the stacks at logging steps, for diagnostics
-    discriminator: nn.Module
-    opt_g: torch.optim.Adam
-    opt_d: torch.optim.Adam
-    sampler: BatchSampler
-    noise: torch.Generator
-    torch_rng: Tensor
-    watch: DivergenceWatch
-    monitor: StepMonitor
-    grid_latents: Tensor
-    objective: float | None = None
-    iteration: int = 0
-    summary: dict[str, Any] | None = None  # set once the member is done
-    logged: dict[str, Any] = field(default_factory=dict)  # this logging step's metrics so far
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.workdir.parent / PACK_CHECKPOINT / member_name(self.index)
-
-    def save_checkpoint(self, iteration: int, summary: dict | None = None) -> str:
-        """train.py's checkpoint of this member (its modules and optimisers must be current)."""
-        cfg = self.config
-        state = {
-            "iteration": iteration, "objective": self.objective, "config": cfg.model_dump_json(),
-            "generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict(),
-            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-            "sampler": self.sampler.state_dict(), "noise": self.noise.get_state(),
-            "torch_rng": self.torch_rng,
-            "monitor": self.monitor.state_dict(), "watch": self.watch.state_dict(),
-        }
-        if summary is not None:
-            state["summary"] = json.dumps(summary)
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        partial_path = self.checkpoint_dir / (CHECKPOINT_FILE + ".partial")
-        torch.save(state, partial_path)
-        os.replace(partial_path, self.checkpoint_dir / CHECKPOINT_FILE)  # atomic, as train.py
-        return str(self.checkpoint_dir)
-
-    def load_checkpoint(self, state: dict) -> None:
-        self.generator.load_state_dict(state["generator"])
-        self.discriminator.load_state_dict(state["discriminator"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.noise.set_state(state["noise"].cpu())
-        self.torch_rng = state["torch_rng"].cpu()
-        self.monitor.load_state_dict(state["monitor"])
-        self.watch.load_state_dict(state["watch"])
-        self.iteration, self.objective = state["iteration"], state["objective"]
-
-    def write_events(self) -> None:
-        partial_path = self.workdir / "events.json.partial"
-        partial_path.write_text(json.dumps([event.to_json() for event in self.watch.events], indent=2))
-        partial_path.replace(self.workdir / "events.json")
-
-    def evaluate(self, iteration: int, evaluator: Evaluator, device: torch.device) -> dict[str, float]:
-        """train.py's evaluation of this member: metrics, sample grid, sigma_conv, the evaluation checks.
-
-        train.py keeps its evaluation inside train(); this follows it line by line."""
-        cfg, generator = self.config, self.generator
-        generator.eval()
-        eval_noise = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + iteration)
-
-        @torch.no_grad()
-        def generate(batch: int) -> Tensor:
-            z = torch.randn(batch, cfg.z_dim, generator=eval_noise, device=device)
-            return ((generator(z) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-        with torch.no_grad():
-            grid = generator(self.grid_latents)
-        metrics = evaluator(generate)
-        generator.train()
-        save_sample_grid(grid, self.workdir / "samples" / f"iter_{iteration:07d}.png")
-        metrics.update(spectral_metrics(self.discriminator, conv_operator=True))
-        self.watch.check_evaluation(iteration, cfg.primary_metric, metrics[cfg.primary_metric],
-                                    sample_diversity(grid))
-        return metrics
+        self.trials = list(trials)
+        return rows
 
 
 def train_pack(configs: list[TrialConfig | dict], reports: list[Report], *, workdir: str | Path,
@@ -467,7 +377,7 @@ def train_pack(configs: list[TrialConfig | dict], reports: list[Report], *, work
         finished members report their result again and train nothing, as train() does.
     pack_report: called after the members' reports at every logging step with {"iteration", "it_per_s"
         (summed over the active members), "active_members", "pack_size"} and the pack checkpoint folder
-        whenever a member checkpoint was written at that step (else None): what a scheduler checkpoints.
+        whenever the members' checkpoints were written at that step (else None): what a scheduler checkpoints.
     """
     cfgs = check_pack(list(configs))
     if len(reports) != len(cfgs):
@@ -475,169 +385,65 @@ def train_pack(configs: list[TrialConfig | dict], reports: list[Report], *, work
     cfg0 = cfgs[0]
     workdir = Path(workdir)
     device = resolve_device(cfg0.device)
-
     source = load_images(cfg0.dataset, cfg0.data_root, cfg0.resolution, download=cfg0.download)
-    members = []
-    for k, (cfg, report) in enumerate(zip(cfgs, reports, strict=True)):
-        generator, discriminator, torch_rng = build_member_networks(cfg, device)
-        opt_g, opt_d = single_trial_optimizers(generator, discriminator, cfg)
-        noise = torch.Generator(device=device)
-        noise.manual_seed(cfg.seed + 1)  # as train.py: latents have their own stream
-        grid_latents = torch.randn(GRID_SAMPLES, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed),
-                                   device="cpu").to(device)
-        members.append(Member(
-            k, cfg, report, workdir / member_name(k), generator, discriminator, opt_g, opt_d,
-            BatchSampler(source, cfg.batch_size, seed=cfg.seed, device=device), noise, torch_rng,
-            DivergenceWatch(cfg.divergence), StepMonitor(cfg.divergence.grad_explosion, device),
-            grid_latents))
-
-    n_real = min(cfg0.eval_real, len(source))
-    evaluator = Evaluator(  # every member shares the data and the metric settings: one evaluator
-        cfg0.metric_names, real_images=real_images(source, n_real, seed=0),
-        reference_key={"dataset": cfg0.dataset, "split": "train", "resolution": cfg0.resolution},
-        n_generated=cfg0.eval_generated, n_real=n_real, cache_dir=Path(cfg0.cache_dir).expanduser(),
-        inception_weights=cfg0.inception_weights, device=device,
-    )
-
+    trials = [Trial.build(cfg, report, source, device, workdir=workdir / member_name(k),
+                          checkpoint_dir=workdir / PACK_CHECKPOINT / member_name(k))
+              for k, (cfg, report) in enumerate(zip(cfgs, reports, strict=True))]
+    evaluator = build_evaluator(cfg0, source, device)  # every member shares the data and the metric settings
     if resume_from is not None:
-        resume_members(members, Path(resume_from), device)
-    active = [m for m in members if m.summary is None]
+        resume_members(trials, Path(resume_from))
+    active = [trial for trial in trials if trial.summary is None]
     if not active:
-        return [m.summary for m in members]
-    start = active[0].iteration
+        return [trial.summary for trial in trials]
 
-    for member in active:  # only now: bad input above leaves nothing behind
-        member.workdir.mkdir(parents=True, exist_ok=True)
-    pack = PackedGAN([m.generator for m in active], [m.discriminator for m in active],
-                     [m.config for m in active], device, optimizers=[(m.opt_g, m.opt_d) for m in active])
-    monitor = PackedStepMonitor([m.monitor for m in active], device)
-    batch, z_dim, n_dis = cfg0.batch_size, cfg0.z_dim, cfg0.n_dis
-
-    def latents() -> Tensor:
-        return torch.stack([torch.randn(batch, z_dim, generator=m.noise, device=device) for m in active])
-
-    def log_gradients(network: StackedNetwork, prefix: str, module_of) -> Any:
-        def record(grad: Tensor) -> None:
-            for row, member in enumerate(active):
-                module = module_of(member)
-                network.gradients_to(row, module, grad)
-                member.logged |= gradient_norms(module, prefix)
-        return record
-
-    last_log_time, last_log_iteration = time.perf_counter(), start
-    for iteration in range(start + 1, cfg0.iterations + 1):
-        last = iteration == cfg0.iterations
-        logging_step = last or any(iteration % every == 0
-                                   for every in (cfg0.log_every, cfg0.eval_every, cfg0.checkpoint_every))
-        for d_step in range(n_dis):
-            real = torch.stack([m.sampler.next() for m in active])
-            z = latents()
-            log_d = logging_step and d_step == n_dis - 1
-            loss_d, grad_norm_d, d_out, fake = pack.d_step(
-                real, z, before_update=log_gradients(pack.discriminator, "grad_norm/D",
-                                                     lambda m: m.discriminator) if log_d else None)
-            monitor.update(iteration, loss_d, grad_norm_d)
-        loss_g, grad_norm_g = pack.g_step(
-            latents(), before_update=log_gradients(pack.generator, "grad_norm/G",
-                                                   lambda m: m.generator) if logging_step else None)
-        monitor.update(iteration, loss_g, grad_norm_g)
+    for trial in active:  # only now: bad input above leaves nothing behind
+        trial.workdir.mkdir(parents=True, exist_ok=True)
+    step = PackedStep(active)
+    monitor = PackedStepMonitor([trial.monitor for trial in active], device)
+    rate = TrainingRate(active[0].iteration)
+    for iteration in range(active[0].iteration + 1, cfg0.iterations + 1):
+        logging_step = is_logging_step(cfg0, iteration)
+        real, d, g = train_iteration(step, monitor, iteration, cfg0.n_dis, step.real, step.latents,
+                                     layer_norms=logging_step)
         if not logging_step:
             continue
 
-        # A logging step: each member's modules take its state from the stacks, then train.py's logging.
-        now = time.perf_counter()
-        pack_it_per_s = (iteration - last_log_iteration) / max(now - last_log_time, 1e-9)
-        d_real, d_fake = d_out[:, :batch], d_out[:, batch:]
-        host = {name: value.tolist() for name, value in (
-            ("loss_d", loss_d), ("loss_g", loss_g), ("d_real", d_real.mean(1)), ("d_fake", d_fake.mean(1)),
-            ("d_real_min", d_real.amin(1)), ("d_fake_max", d_fake.amax(1)), ("grad_norm_d", grad_norm_d))}
-        stopped, wrote_checkpoint = [], False
-        for row, member in enumerate(active):
-            cfg = member.config
-            pack.generator.copy_to(row, member.generator)
-            pack.discriminator.copy_to(row, member.discriminator)
-            member.monitor = monitor.member(row)
-            metrics, member.logged = member.logged, {}
-            metrics |= {"iteration": iteration, "it_per_s": pack_it_per_s}
-            metrics |= {key: host[key][row] for key in ("loss_d", "loss_g", "d_real", "d_fake", "d_real_min",
-                                                        "d_fake_max")}
-            metrics |= spectral_metrics(member.discriminator)
-            member.watch.check_steps(member.monitor)
-            metrics |= input_gradient_norms(member.discriminator, real[row], "grad_x_real")
-            metrics |= input_gradient_norms(member.discriminator, fake[row], "grad_x_fake")
-            member.watch.check_logging_step(iteration, grad_norm_d=host["grad_norm_d"][row],
-                                            d_real_min=metrics["d_real_min"],
-                                            d_fake_max=metrics["d_fake_max"])
-            if member.watch.stop_event is None and (last or iteration % cfg.eval_every == 0):
-                metrics |= member.evaluate(iteration, evaluator, device)
-                member.objective = metrics[cfg.primary_metric]
-                if not math.isfinite(member.objective):  # a recorded-only blow-up: the objective stays finite
-                    member.objective = cfg.divergence.diverged_objective
-                metrics["objective"] = member.objective
-
-            stop = member.watch.stop_event
-            metrics["diverged"] = int(stop is not None)
-            save = stop is not None or last or iteration % cfg.checkpoint_every == 0
-            if save:
-                pack.generator.save_adam_state(row, member.generator, member.opt_g)
-                pack.discriminator.save_adam_state(row, member.discriminator, member.opt_d)
-                wrote_checkpoint = True
-            if stop is not None or last:
-                if stop is not None or member.objective is None:
-                    member.objective = cfg.divergence.diverged_objective
-                metrics |= {
-                    "done": 1, "objective": member.objective,
-                    "divergence_cause": stop.cause if stop else "",
-                    "divergence_step": stop.iteration if stop else -1, "events": len(member.watch.events),
-                }
-                member.summary = finite_only(metrics)
-                member.write_events()
-                member.report(member.summary, member.save_checkpoint(iteration, summary=member.summary))
-                stopped.append(row)
-                continue
-            if member.watch.events:
-                member.write_events()
-            member.report(finite_only(metrics), member.save_checkpoint(iteration) if save else None)
-
+        # A logging step: each member's modules take its state from the stacks, then the trial's own logging.
+        it_per_s = rate(iteration)
+        values = {key: value.tolist() for key, value in logged_values(d, g).items()}
+        step.write_members()
+        ended = []
+        for row, trial in enumerate(active):
+            trial.monitor = monitor.member(row)
+            if trial.log(iteration, {key: value[row] for key, value in values.items()}, real=real[row],
+                         fake=d.fake[row], layer_norms=d.layers[row] | g.layers[row], it_per_s=it_per_s,
+                         evaluator=evaluator):
+                ended.append(trial)
         if pack_report is not None:
-            pack_report({"iteration": iteration, "it_per_s": pack_it_per_s * len(active),
-                         "active_members": len(active) - len(stopped), "pack_size": len(members)},
-                        str(workdir / PACK_CHECKPOINT) if wrote_checkpoint else None)
-        if stopped:  # stopped members leave the stacks: the others go on, and no work is spent on them
-            if len(stopped) == len(active):
+            last = iteration == cfg0.iterations
+            checkpointed = bool(ended) or last or iteration % cfg0.checkpoint_every == 0
+            pack_report({"iteration": iteration, "it_per_s": it_per_s * len(active),
+                         "active_members": len(active) - len(ended), "pack_size": len(trials)},
+                        str(workdir / PACK_CHECKPOINT) if checkpointed else None)
+        if ended:  # ended members leave the stacks: the others go on, and no work is spent on them
+            active = [trial for trial in active if trial not in ended]
+            if not active:
                 break
-            rows = [row for row in range(len(active)) if row not in stopped]
-            index = torch.tensor(rows, device=device)
-            pack.keep(index)
-            monitor.keep(index)
-            active = [active[row] for row in rows]
-        # it/s counts training only: evaluation, checkpoint and report time are left out of the next window
-        last_log_time, last_log_iteration = time.perf_counter(), iteration
-    return [m.summary for m in members]
+            monitor.keep(step.keep(active))
+        rate.restart(iteration)  # evaluation, checkpoint and report time are left out of the next window
+    return [trial.summary for trial in trials]
 
 
-def resume_members(members: list[Member], folder: Path, device: torch.device) -> None:
-    """Load each member's state from a pack checkpoint; finished members report their summary again."""
+def resume_members(trials: list[Trial], folder: Path) -> None:
+    """Load each member's state from a pack checkpoint; ended members report their summary again."""
     iterations = set()
-    for member in members:
-        path = folder / member_name(member.index) / CHECKPOINT_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"resume_from: no checkpoint for member {member.index} at {path}")
-        state = load_checkpoint(path, device)  # CRC-checked, weights_only, errors name the file
-        saved = TrialConfig.model_validate_json(state["config"])
-        if saved != member.config:
-            differing = sorted(name for name in TrialConfig.model_fields
-                               if getattr(saved, name) != getattr(member.config, name))
-            raise ConfigError(f"configs[{member.index}]: differs from its checkpoint in "
-                              f"{', '.join(differing)}; resume a pack with the configs it was started "
-                              "with, in the same order")
-        if "summary" in state:
-            member.summary = json.loads(state["summary"])
-            member.report(member.summary, None)
-            continue
-        member.load_checkpoint(state)
-        iterations.add(member.iteration)
+    for k, trial in enumerate(trials):
+        member_folder = folder / member_name(k)
+        if not (member_folder / CHECKPOINT_FILE).exists():
+            raise FileNotFoundError(f"resume_from: no checkpoint for member {k} at "
+                                    f"{member_folder / CHECKPOINT_FILE}")
+        if not trial.resume(member_folder, what=f"configs[{k}]"):
+            iterations.add(trial.iteration)
     if len(iterations) > 1:
         raise ValueError(f"resume_from: the unfinished members were saved at different iterations "
                          f"{sorted(iterations)}; the pack checkpoint was interrupted while being written")
-

@@ -1,0 +1,347 @@
+"""One trial's state, shared by the single trial (train.py) and the pack (packing.py).
+
+Building a trial, its checkpoints, its divergence events, its evaluation, its logging step and its finish are
+written here once. Only the step differs: train.py's `SingleStep` (eager or compiled) and packing.py's
+`PackedStep` (vmapped over the members) both implement `Step`, and the benches time those same steps.
+
+Nothing after `Trial.build` draws from torch's global RNG: the data stream, the latents and the WGAN-GP
+interpolates each have their own generator, saved in the checkpoint, so a resumed trial continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import shutil
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from trainables.config import ConfigError, TrialConfig
+from trainables.data import BatchSampler, ImageSource, real_images
+from trainables.diagnostics import input_gradient_norms, sample_diversity, save_sample_grid, spectral_metrics
+from trainables.events import DivergenceWatch, StepMonitor
+from trainables.files import atomic_path, write_text_atomically
+from trainables.metrics import Evaluator
+from trainables.networks import build_discriminator, build_generator
+from trainables.normalization import normalize
+
+Report = Callable[[dict[str, Any], "str | None"], None]
+CHECKPOINT_FILE = "state.pt"
+GRID_SAMPLES = 64  # images in each evaluation's sample grid (and the mode-collapse diversity)
+
+
+class CheckpointError(OSError):
+    """A checkpoint that cannot be read back (corrupt, truncated, not tensors) or written (disk full)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """A state.pt written by `Trial.save_checkpoint`, checked whole first: torch.load misses a flipped byte.
+
+    Only tensors and plain data load (weights_only=True): a checkpoint that would run code is refused.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # the CRC-32 of every record torch.save wrote
+        if damaged is not None:
+            raise CheckpointError(f"checkpoint {path} is corrupt: record {damaged} fails its CRC check")
+        return torch.load(path, map_location=device, weights_only=True)
+    except (zipfile.BadZipFile, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be loaded, it is truncated, corrupt or not a "
+                              f"checkpoint of this trainer ({first_line})") from None
+
+
+def finite_only(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Drop non-finite numbers: NaN and inf break ASHA and Optuna. The events log keeps what they were."""
+    return {key: value for key, value in metrics.items()
+            if not isinstance(value, float) or math.isfinite(value)}
+
+
+# ---- the step: what differs between a single trial and a pack --------------------------------------------
+
+@dataclass
+class DStep:
+    """One D step's results. A single trial: loss and grad_norm 0-dim, logits (2B,) on real then fake, fake
+    (B, 3, R, R). A pack: each with a leading member dim K. `layers`: the per-layer gradient norms
+    (`grad_norm/D/<layer>`, host floats) when asked for, one dict per member of a pack."""
+
+    loss: Tensor
+    grad_norm: Tensor
+    logits: Tensor
+    fake: Tensor
+    layers: Any = None
+
+
+@dataclass
+class GStep:
+    """One G step's results, shaped as DStep's; `layers` holds `grad_norm/G/<layer>`."""
+
+    loss: Tensor
+    grad_norm: Tensor
+    layers: Any = None
+
+
+class Step(Protocol):
+    """n_dis D steps then one G step make an iteration. real (B, 3, R, R) in [-1, 1], z (B, z_dim); a pack's
+    with a leading member dim. Each step updates its network (Adam) and returns what the loop watches."""
+
+    def d_step(self, real: Tensor, z: Tensor, *, layer_norms: bool = False) -> DStep: ...
+
+    def g_step(self, z: Tensor, *, layer_norms: bool = False) -> GStep: ...
+
+
+def train_iteration(step: Step, monitor: StepMonitor, iteration: int, n_dis: int,
+                    real: Callable[[], Tensor], latents: Callable[[], Tensor], *,
+                    layer_norms: bool = False) -> tuple[Tensor, DStep, GStep]:
+    """One iteration: n_dis D steps, then one G step, each watched by the monitor on the device.
+
+    real(), latents(): the next batches. Returns the last D step's real batch and results and the G step's,
+    which a logging step reads; layer_norms: also the per-layer gradient norms of those two steps.
+    """
+    for d_index in range(n_dis):
+        real_batch = real()
+        d = step.d_step(real_batch, latents(), layer_norms=layer_norms and d_index == n_dis - 1)
+        monitor.update(iteration, d.loss, d.grad_norm)
+    g = step.g_step(latents(), layer_norms=layer_norms)
+    monitor.update(iteration, g.loss, g.grad_norm)
+    return real_batch, d, g
+
+
+def logged_values(d: DStep, g: GStep) -> dict[str, Tensor]:
+    """The scalars a logging step reports, still on the device: 0-dim for a trial, (K,) for a pack."""
+    batch = d.fake.shape[-4]
+    d_real, d_fake = d.logits[..., :batch], d.logits[..., batch:]
+    return {"loss_d": d.loss, "loss_g": g.loss, "d_real": d_real.mean(-1), "d_fake": d_fake.mean(-1),
+            "d_real_min": d_real.amin(-1), "d_fake_max": d_fake.amax(-1), "grad_norm_d": d.grad_norm}
+
+
+# ---- the schedule ------------------------------------------------------------------------------------------
+
+def is_logging_step(cfg: TrialConfig, iteration: int) -> bool:
+    """Logging, evaluation and checkpoint steps all read tensors on the host, so they share one schedule."""
+    return iteration == cfg.iterations or any(
+        iteration % every == 0 for every in (cfg.log_every, cfg.eval_every, cfg.checkpoint_every))
+
+
+class TrainingRate:
+    """Iterations per second of training alone: logging steps (evaluation, checkpoint, report) left out."""
+
+    def __init__(self, iteration: int):
+        self.restart(iteration)
+
+    def restart(self, iteration: int) -> None:
+        self.started, self.iteration = time.perf_counter(), iteration
+
+    def __call__(self, iteration: int) -> float:
+        return (iteration - self.iteration) / max(time.perf_counter() - self.started, 1e-9)
+
+
+def build_evaluator(cfg: TrialConfig, source: ImageSource, device: torch.device) -> Evaluator:
+    """The trial's metrics against one reference set, the same for every seed (and every member of a pack)."""
+    n_real = min(cfg.eval_real, len(source))
+    return Evaluator(
+        cfg.metric_names, real_images=real_images(source, n_real, seed=0),
+        reference_key={"dataset": cfg.dataset, "split": "train", "resolution": cfg.resolution},
+        n_generated=cfg.eval_generated, n_real=n_real, cache_dir=Path(cfg.cache_dir).expanduser(),
+        inception_weights=cfg.inception_weights, device=device,
+    )
+
+
+# ---- one trial -------------------------------------------------------------------------------------------
+
+@dataclass
+class Trial:
+    """Everything one trial keeps besides its step: networks, optimisers, streams, watch, schedule state.
+
+    workdir receives `samples/iter_XXXXXXX.png` and `events.json`; checkpoint_dir `state.pt`. A pack keeps its
+    members' weights in stacks and writes them into `generator` / `discriminator` at each logging step.
+    """
+
+    config: TrialConfig
+    report: Report
+    workdir: Path
+    checkpoint_dir: Path
+    device: torch.device
+    generator: nn.Module
+    discriminator: nn.Module  # normalized in place through parametrizations
+    opt_g: torch.optim.Adam
+    opt_d: torch.optim.Adam
+    sampler: BatchSampler
+    noise: torch.Generator  # latents and WGAN-GP interpolates
+    monitor: StepMonitor
+    watch: DivergenceWatch
+    grid_latents: Tensor
+    iteration: int = 0
+    objective: float | None = None
+    summary: dict[str, Any] | None = None  # the final report, once the trial has ended
+    # A pack's hook: write this member's packed Adam state into opt_g / opt_d before they are saved.
+    before_checkpoint: Callable[[], None] | None = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, cfg: TrialConfig, report: Report, source: ImageSource, device: torch.device, *,
+              workdir: Path, checkpoint_dir: Path, fused_adam: bool = False) -> Trial:
+        """Seeded networks, normalization, optimisers and streams: the same for a trial and a pack member."""
+        torch.manual_seed(cfg.seed)
+        generator = build_generator(cfg.architecture, cfg.resolution, z_dim=cfg.z_dim, width=cfg.width)
+        discriminator = build_discriminator(cfg.architecture, cfg.resolution, width=cfg.width)
+        generator, discriminator = generator.to(device), discriminator.to(device)
+        normalize(discriminator, cfg.variant, scale=cfg.scale, n_power_iterations=cfg.n_power_iterations,
+                  grad_through_power_iteration=cfg.sn_grad_through_power_iteration,
+                  example_input=torch.zeros(1, 3, cfg.resolution, cfg.resolution, device=device))
+        betas, fused = (cfg.beta1, cfg.beta2), True if fused_adam else None  # fused: one kernel per Adam step
+        noise = torch.Generator(device=device)
+        noise.manual_seed(cfg.seed + 1)
+        return cls(
+            config=cfg, report=report, workdir=workdir, checkpoint_dir=checkpoint_dir, device=device,
+            generator=generator, discriminator=discriminator,
+            opt_g=torch.optim.Adam(generator.parameters(), lr=cfg.g_lr, betas=betas, fused=fused),
+            opt_d=torch.optim.Adam(discriminator.parameters(), lr=cfg.d_lr, betas=betas, fused=fused),
+            sampler=BatchSampler(source, cfg.batch_size, seed=cfg.seed, device=device), noise=noise,
+            monitor=StepMonitor(cfg.divergence.grad_explosion, device), watch=DivergenceWatch(cfg.divergence),
+            grid_latents=torch.randn(GRID_SAMPLES, cfg.z_dim,
+                                     generator=torch.Generator().manual_seed(cfg.seed)).to(device),
+        )
+
+    def latents(self) -> Tensor:
+        """The next batch of latents (B, z_dim) from the trial's own stream."""
+        cfg = self.config
+        return torch.randn(cfg.batch_size, cfg.z_dim, generator=self.noise, device=self.device)
+
+    # -- checkpoints --
+
+    def resume(self, folder: Path, *, what: str = "config") -> bool:
+        """Load the trial's state from a checkpoint folder; True when the trial had already ended (its final
+        report is given again and nothing is trained). ConfigError naming the fields when the checkpoint was
+        written with another config (`what`: how the caller names this config in the message)."""
+        state = load_checkpoint(folder / CHECKPOINT_FILE, self.device)
+        saved = TrialConfig.model_validate_json(state["config"])
+        if saved != self.config:
+            differing = sorted(name for name in TrialConfig.model_fields
+                               if getattr(saved, name) != getattr(self.config, name))
+            raise ConfigError(f"{what}: differs from its checkpoint in {', '.join(differing)} "
+                              f"({folder / CHECKPOINT_FILE}); resume with the config it was started with")
+        if "summary" in state:
+            self.summary = json.loads(state["summary"])
+            self.report(self.summary, None)
+            return True
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.noise.set_state(state["noise"].cpu())
+        self.monitor.load_state_dict(state["monitor"])
+        self.watch.load_state_dict(state["watch"])
+        self.iteration, self.objective = state["iteration"], state["objective"]
+        return False
+
+    def save_checkpoint(self, iteration: int, summary: dict[str, Any] | None = None) -> str:
+        """Write checkpoint_dir/state.pt atomically; a full disk keeps the previous one and names the file."""
+        if self.before_checkpoint is not None:
+            self.before_checkpoint()
+        state = {
+            "iteration": iteration, "objective": self.objective, "config": self.config.model_dump_json(),
+            "generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict(),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "sampler": self.sampler.state_dict(), "noise": self.noise.get_state(),
+            "monitor": self.monitor.state_dict(), "watch": self.watch.state_dict(),
+        }
+        if summary is not None:
+            state["summary"] = json.dumps(summary)
+        path = self.checkpoint_dir / CHECKPOINT_FILE
+        try:
+            with atomic_path(path) as partial:
+                torch.save(state, partial)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+            raise CheckpointError(
+                f"cannot write checkpoint {path} ({str(exc).strip()}); {shutil.disk_usage(path.parent).free} "
+                "bytes free there; the previous checkpoint is kept"
+            ) from None
+        return str(self.checkpoint_dir)
+
+    def write_events(self) -> None:
+        write_text_atomically(self.workdir / "events.json",
+                              json.dumps([event.to_json() for event in self.watch.events], indent=2))
+
+    # -- evaluation and the logging step --
+
+    def evaluate(self, iteration: int, evaluator: Evaluator) -> dict[str, float]:
+        """The metrics, the sample grid, the conv operator's σ and the evaluation's divergence checks."""
+        cfg, generator = self.config, self.generator
+        generator.eval()
+        eval_noise = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + iteration)
+
+        @torch.no_grad()
+        def generate(batch: int) -> Tensor:
+            z = torch.randn(batch, cfg.z_dim, generator=eval_noise, device=self.device)
+            return ((generator(z) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+        with torch.no_grad():
+            grid = generator(self.grid_latents)
+        metrics = evaluator(generate)
+        generator.train()
+        save_sample_grid(grid, self.workdir / "samples" / f"iter_{iteration:07d}.png")
+        metrics.update(spectral_metrics(self.discriminator, conv_operator=True))
+        self.watch.check_evaluation(iteration, cfg.primary_metric, metrics[cfg.primary_metric],
+                                    sample_diversity(grid))
+        return metrics
+
+    def log(self, iteration: int, values: dict[str, float], *, real: Tensor, fake: Tensor,
+            layer_norms: dict[str, float], it_per_s: float, evaluator: Evaluator) -> bool:
+        """A logging step: diagnostics, divergence checks, an evaluation when due, the report and checkpoint.
+
+        values: `logged_values` on the host; real, fake: this step's batches (B, 3, R, R); layer_norms: the
+        per-layer gradient norms of D and G. The trial's modules must hold its current weights. Returns True
+        when the trial has ended (its summary reported with the last checkpoint).
+        """
+        cfg = self.config
+        last = iteration == cfg.iterations
+        metrics: dict[str, Any] = {**layer_norms, "iteration": iteration, "it_per_s": it_per_s}
+        metrics |= {key: values[key] for key in ("loss_d", "loss_g", "d_real", "d_fake", "d_real_min",
+                                                 "d_fake_max")}
+        metrics |= spectral_metrics(self.discriminator)
+        self.watch.check_steps(self.monitor)
+        metrics |= input_gradient_norms(self.discriminator, real, "grad_x_real")
+        metrics |= input_gradient_norms(self.discriminator, fake, "grad_x_fake")
+        self.watch.check_logging_step(iteration, grad_norm_d=values["grad_norm_d"],
+                                      d_real_min=values["d_real_min"], d_fake_max=values["d_fake_max"])
+        if self.watch.stop_event is None and (last or iteration % cfg.eval_every == 0):
+            metrics |= self.evaluate(iteration, evaluator)
+            self.objective = metrics[cfg.primary_metric]
+            if not math.isfinite(self.objective):  # a recorded-only blow-up: the objective stays finite
+                self.objective = cfg.divergence.diverged_objective
+            metrics["objective"] = self.objective
+
+        stop = self.watch.stop_event
+        metrics["diverged"] = int(stop is not None)
+        if stop is not None or last:
+            if stop is not None or self.objective is None:
+                self.objective = cfg.divergence.diverged_objective
+            metrics |= {
+                "done": 1, "objective": self.objective,
+                "divergence_cause": stop.cause if stop else "",
+                "divergence_step": stop.iteration if stop else -1, "events": len(self.watch.events),
+            }
+            self.summary = finite_only(metrics)
+            self.write_events()
+            self.report(self.summary, self.save_checkpoint(iteration, summary=self.summary))
+            return True
+        if self.watch.events:
+            self.write_events()
+        checkpoint = self.save_checkpoint(iteration) if iteration % cfg.checkpoint_every == 0 else None
+        self.report(finite_only(metrics), checkpoint)
+        return False
