@@ -31,7 +31,6 @@ from analysis.collect import StudyTables
 
 N_BOOT = 10_000  # bootstrap resamples
 BOOT_SEED = 0  # every cell is resampled from this seed, so its interval does not depend on the other cells
-DERIVED_AXES = ("setting",)  # computed from the swept optimiser axes (Miyato et al.'s A-F)
 OUTCOMES = ("stable", "diverged", "collapsed", "no_learning", "failed")  # the design's outcome classes
 COMPLETE_OUTCOMES = ("stable", "diverged", "collapsed", "no_learning")  # a known result; failed: a crash
 OPTIMISER = ("g_lr", "d_lr", "beta1", "beta2", "n_dis")  # the full optimiser setting of a paper-table column
