@@ -52,7 +52,7 @@ class HeatmapData:
     x: str
     y: str
     panel: str | None  # the axis with one panel per value, None for one panel
-    median: dict[str, pd.DataFrame]  # median final metric (NaN: no non-diverged seed or no such cell)
+    median: dict[str, pd.DataFrame]  # median final metric (NaN: no stable seed or no such cell)
     n_diverged: dict[str, pd.DataFrame]
     n_complete: dict[str, pd.DataFrame]
     all_diverged: dict[str, pd.DataFrame]  # bool
@@ -160,7 +160,7 @@ def plot_heatmaps(data: HeatmapData, metric: str = "metric") -> Figure:
     fig.colorbar(
         plt.cm.ScalarMappable(norm=norm, cmap=cmap),
         ax=list(axes[0]),
-        label=f"median final {metric} (non-diverged seeds)",
+        label=f"median final {metric} (stable seeds)",
     )
     fig.suptitle(f"Stability: {data.y} × {data.x}")
     return fig

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from analysis.aggregate import cell_axes, cell_summary, isolate, paper_table
+from analysis.aggregate import cell_axes, cell_summary, isolate, paper_table, setting_table
 from analysis.collect import Progress, StudyTables, collect
 from analysis.figures import (
     choose_trials,
@@ -31,6 +31,25 @@ from analysis.figures import (
 
 ARTIFACT_PATH = "analysis"  # where the report's files go in the parent run's artifacts
 MAX_TRIAL_ROWS = 500  # trials listed in the HTML; every trial is in tables/trials.parquet
+
+CELLS_NOTE = (
+    "One row per cell of {value}. median, mean, std and the bootstrap 95% CI of the median: over the "
+    "stable seeds. paper_mean and paper_std: over every complete run with a value, whatever its outcome (the "
+    "paper's statistic). Outcome counts and rates beside them; running and failed trials are in neither."
+)
+PAPER_NOTE = (
+    "Each entry: mean ± std (ddof 1) over every complete run of the cell, as the paper counts every run; a "
+    "run that diverged enters with the value it reached ({which}). In brackets, when some run is not stable: "
+    "the stable runs, their count and mean ± std. Rows: variant × c (and any other swept axis that separates "
+    "cells); columns: the full optimiser setting (g_lr, d_lr, β1, β2, n_dis). Every cell appears once, none "
+    "pooled; an empty entry is a combination the grid does not hold."
+)
+WHICH = {"best": "its best evaluation before it stopped", "final": "its last evaluation before it stopped"}
+RANKING_NOTE = (
+    "The best cell by rank_value: the median of {value} over the complete seeds, each seed that is not "
+    "stable counted as the worst value, so that a cell with half or more of its seeds unstable never beats "
+    "one with fewer; ties go to the higher stable rate, then the better stable-only median."
+)
 
 CSS = """
 body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1150px; }
@@ -83,21 +102,27 @@ def write_report(tables: StudyTables, out_dir: Path, *, progress: Progress | Non
 
     summary = cell_summary(tables)
     summary.to_csv(out_dir / "tables" / "cells.csv", index=False)
-    sections.append(
-        _section("Cells (median over non-diverged seeds, bootstrap 95% CI of the median)", _table(summary))
-    )
+    sections.append(_section(f"Cells: final {metric}", _note(CELLS_NOTE.format(value=f"the final {metric}"))
+                             + _table(summary)))
+    for value, label, kind in _paper_values(tables, metric):
+        paper = paper_table(tables, value=value)
+        paper.to_csv(out_dir / "tables" / f"paper_{value}.csv")
+        sections.append(_section(f"Paper table: {label}, mean ± std over every complete run",
+                                 _note(PAPER_NOTE.format(which=WHICH[kind])) + _table(paper, index=True)))
+    settings = setting_table(tables, value="best_metric")
+    if settings is not None:
+        settings.to_csv(out_dir / "tables" / "paper_settings.csv")
+        note = _note(PAPER_NOTE.format(which=WHICH["best"]))
+        sections.append(_section(f"Miyato et al.'s settings A–F: best {metric} over training",
+                                 note + _table(settings, index=True)))
     nuisance = [a for a in cell_axes(tables) if a != "variant"]
     if "variant" in cell_axes(tables) and nuisance:
         isolation = isolate(summary, "variant", keep=())
         isolation.to_csv(out_dir / "tables" / "isolation_variant.csv", index=False)
         sections.append(
-            _section(f"Isolation of variant: its best cell over {', '.join(nuisance)}", _table(isolation))
+            _section(f"Isolation of variant: its best cell over {', '.join(nuisance)}",
+                     _note(RANKING_NOTE.format(value=f"the final {metric}")) + _table(isolation))
         )
-    paper = paper_table(tables)
-    paper.to_csv(out_dir / "tables" / "paper_table.csv")
-    sections.append(
-        _section(f"Final {metric}: mean ± std per variant (paper-style)", _table(paper, index=True))
-    )
     say("aggregates written")
 
     figures = out_dir / "figures"
@@ -174,8 +199,22 @@ def _page(tables: StudyTables, sections: list[str]) -> str:
     )
 
 
+def _paper_values(tables: StudyTables, metric: str) -> list[tuple[str, str, str]]:
+    """(trials column, label, best or final) of each paper table: the primary metric's best over training and
+    final value, then IS's when the study measured it (the paper reports both FID and IS)."""
+    values = [("best_metric", f"best {metric} over training", "best"),
+              ("final_metric", f"final {metric}", "final")]
+    if tables.trials["final_is"].notna().any():
+        values += [("best_is", "best IS over training", "best"), ("final_is", "final IS", "final")]
+    return values
+
+
 def _section(title: str, body: str) -> str:
     return f"<h2>{html.escape(title)}</h2>{body}"
+
+
+def _note(text: str) -> str:
+    return f"<p>{html.escape(text)}</p>"
 
 
 def _table(frame: pd.DataFrame, index: bool = False) -> str:

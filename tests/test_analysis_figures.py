@@ -113,13 +113,14 @@ def test_heatmap_of_an_axis_the_study_did_not_sweep_is_an_error(tables):
     assert single.panel is None and list(single.median) == ["all"]
 
 
-def test_report_draws_the_swept_pairs_and_miyato_settings(tables):
-    # g_lr = d_lr = 2e-4, beta1 0.5, beta2 0.999, n_dis 1 is Miyato et al.'s setting C
-    assert report_pairs(tables) == [("g_lr", "beta1"), ("setting", "variant")]
+def test_report_draws_the_swept_pairs_and_no_setting_axis_met_by_chance(tables):
+    # g_lr = 2e-4 at beta1 0.5 (beta2 0.999, n_dis 1) is Miyato et al.'s setting C, but the study swept g_lr
+    # and beta1, not the settings: no variant x setting heatmap, which would read as the headline
     setting_c = tables.trials[tables.trials["setting"] == "C"]
     assert len(setting_c) == 10 and set(setting_c["g_lr"]) == {2e-4} and set(setting_c["beta1"]) == {0.5}
-    data = heatmap_data(tables, "setting", "variant")
-    assert data.median["all"].columns.tolist() == ["C"]  # trials outside A-F are left out
+    assert report_pairs(tables) == [("g_lr", "beta1")]
+    with pytest.raises(AxisError, match="axis 'setting' was not swept"):
+        heatmap_data(tables, "setting", "variant")
 
 
 def test_curves_show_the_best_cell_per_variant_with_a_min_max_seed_band(tables):

@@ -47,8 +47,10 @@ def test_report_is_one_self_contained_html_file_with_embedded_figures(report):
     html = path.read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)  # nothing fetched from anywhere
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', html)
-    assert images == ["heatmap_beta1_x_g_lr", "heatmap_variant_x_setting", "curves_variant", "traces"]
-    assert "Isolation of variant" in html and "mean ± std per variant" in html
+    assert images == ["heatmap_beta1_x_g_lr", "curves_variant", "traces"]
+    assert "Isolation of variant" in html and "Miyato" not in html  # the study swept no settings A-F
+    titles = re.findall(r"<h2>Paper table: ([^<]+), mean ± std over every complete run</h2>", html)
+    assert titles == ["best fd_digits over training", "final fd_digits", "best IS over training", "final IS"]
     assert seconds < 60  # the goal is 20 s for 1,000 trials on an idle machine; this guards gross regressions
 
 

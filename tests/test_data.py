@@ -192,23 +192,66 @@ def celeba_face(quadrants: list[tuple[int, int, int]]) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def test_celeba_training_faces_are_centre_cropped_128_then_halved_to_64(tmp_path):
-    folder = tmp_path / "celeba"
+def write_celeba(root: Path, faces: list[list[tuple[int, int, int]]], partitions: str) -> None:
+    """CelebA as distributed: img_align_celeba/000001.jpg ... and list_eval_partition.txt ("000001.jpg 0")."""
+    folder = root / "celeba"
     (folder / "img_align_celeba").mkdir(parents=True)
-    faces = [QUADRANTS, [(0, 255, 0)] * 4, QUADRANTS[::-1]]  # the second is in the validation partition
     for i, quadrants in enumerate(faces, start=1):
         celeba_face(quadrants).save(folder / "img_align_celeba" / f"{i:06d}.jpg", quality=100, subsampling=0)
-    (folder / "list_eval_partition.txt").write_text("000001.jpg 0\n000002.jpg 1\n000003.jpg 0\n")
-    source = load_images("celeba", tmp_path, 64)
-    assert len(source) == 2
-    loaded = every_image(source).int()
-    for image, quadrants in zip(loaded, [QUADRANTS, QUADRANTS[::-1]], strict=True):
-        expected = torch.empty(3, 64, 64, dtype=torch.int32)
-        for k, colour in enumerate(quadrants):
-            row, col = 32 * (k // 2), 32 * (k % 2)
-            expected[:, row:row + 32, col:col + 32] = torch.tensor(colour)[:, None, None]
+    (folder / "list_eval_partition.txt").write_text(
+        "".join(f"{i:06d}.jpg {code}\n" for i, code in enumerate(partitions, start=1)))
+
+
+def expected_face(quadrants: list[tuple[int, int, int]]) -> torch.Tensor:
+    """The 128 px centre crop of celeba_face halved to 64 px: four 32 px quadrants."""
+    expected = torch.empty(3, 64, 64, dtype=torch.int32)
+    for k, colour in enumerate(quadrants):
+        row, col = 32 * (k // 2), 32 * (k % 2)
+        expected[:, row:row + 32, col:col + 32] = torch.tensor(colour)[:, None, None]
+    return expected
+
+
+GREEN = [(0, 255, 0)] * 4
+# Four faces, in the train, valid, train, test partitions; the last file's name sorts after the others.
+FACES, PARTITIONS = [QUADRANTS, GREEN, QUADRANTS[::-1], [(0, 0, 255)] * 4], "0102"
+
+
+def test_celeba_is_every_aligned_face_in_file_order_centre_cropped_128_then_halved_to_64(tmp_path):
+    write_celeba(tmp_path, FACES, PARTITIONS)
+    source = load_images("celeba", tmp_path, 64)  # split "all", the official preprocessing
+    assert (len(source), source.split) == (4, "all")
+    for image, quadrants in zip(every_image(source).int(), FACES, strict=True):
         # JPEG at quality 100 is off by a few levels; one pixel of white border in a 2x2 block would add ~60.
-        assert (image - expected).abs().max() <= 12
+        assert (image - expected_face(quadrants)).abs().max() <= 12
+
+
+def test_celeba_all_needs_no_partition_file(tmp_path):
+    write_celeba(tmp_path, FACES[:2], PARTITIONS[:2])
+    (tmp_path / "celeba" / "list_eval_partition.txt").unlink()
+    assert len(load_images("celeba", tmp_path, 64)) == 2
+
+
+@pytest.mark.parametrize(("split", "faces"), [("train", [0, 2]), ("valid", [1]), ("test", [3])])
+def test_celeba_split_is_its_partition_of_list_eval_partition(tmp_path, split, faces):
+    write_celeba(tmp_path, FACES, PARTITIONS)
+    source = load_images("celeba", tmp_path, 64, split=split)
+    assert (len(source), source.split) == (len(faces), split)
+    for image, face in zip(every_image(source).int(), faces, strict=True):
+        assert (image - expected_face(FACES[face])).abs().max() <= 12
+
+
+def test_celeba_split_without_the_partition_file_error_names_it(tmp_path):
+    write_celeba(tmp_path, FACES[:1], PARTITIONS[:1])
+    (tmp_path / "celeba" / "list_eval_partition.txt").unlink()
+    with pytest.raises(DatasetNotFoundError, match="expected .*celeba/list_eval_partition.txt"):
+        load_images("celeba", tmp_path, 64, split="train")
+
+
+def test_a_split_other_than_all_is_refused_outside_celeba_naming_the_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match="split: 'train' is not a split of cifar10; valid: all"):
+        load_images("cifar10", tmp_path, 32, split="train")
+    with pytest.raises(ValueError, match="split: .val. is not a split of celeba; valid: all, train, valid"):
+        load_images("celeba", tmp_path, 64, split="val")
 
 
 # ---- imagefolder ---------------------------------------------------------------------------------
@@ -298,7 +341,7 @@ def test_mnist_idx_digits_are_zero_padded_to_32_and_gray_replicated(tmp_path, co
     [
         ("cifar10", "cifar-10-batches-py", "download: true"),
         ("stl10", "stl10_binary/unlabeled_X.bin", "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"),
-        ("celeba", "celeba/list_eval_partition.txt", "download: true"),
+        ("celeba", "celeba/img_align_celeba", "download: true"),
         ("imagefolder", "", "ImageFolder tree"),
         ("mnist", "MNIST/raw", "download: true"),
     ],

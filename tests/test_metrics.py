@@ -583,6 +583,38 @@ def test_inception_pipeline_matches_calculate_metrics_and_fid_of_a_set_to_itself
 
 
 @pytest.mark.slow
+def test_is_reads_its_own_count_of_images_and_fid_the_first_of_them(random_inception_weights, tmp_path):
+    """The paper's protocol, IS on 50k generated and FID on 10k, here 8 and 4: one pass of 8 feeds both."""
+    rng = torch.Generator().manual_seed(1)
+    real = torch.randint(0, 256, (4, 3, 16, 16), generator=rng, dtype=torch.uint8)
+    generated = torch.randint(0, 256, (8, 3, 16, 16), generator=rng, dtype=torch.uint8)
+    key = {"dataset": "noise", "split": "train", "resolution": 16}
+
+    def evaluator(names, n_generated, n_generated_is=None):
+        return Evaluator(names, real_images=real, reference_key=key, n_generated=n_generated,
+                         n_generated_is=n_generated_is, n_real=4, cache_dir=tmp_path,
+                         inception_weights=random_inception_weights)
+
+    drawn = []
+
+    def generate(batch: int) -> torch.Tensor:
+        drawn.append(batch)
+        return generated[sum(drawn) - batch:sum(drawn)]
+
+    both = evaluator(("fid", "is"), 4, n_generated_is=8)(generate)
+    assert sum(drawn) == 8
+    assert both["is"] == evaluator(("is",), 8)(from_tensor(generated))["is"]  # IS of all 8 images
+    assert both["fid"] == pytest.approx(evaluator(("fid",), 4)(from_tensor(generated[:4]))["fid"], rel=1e-9)
+    assert both["is"] != evaluator(("is",), 4)(from_tensor(generated))["is"]  # not of FID's 4
+
+
+def test_evaluator_rejects_an_is_count_below_two(tmp_path, digits_32px):
+    with pytest.raises(ValueError, match="n_generated_is: expected an integer >= 2, got 1"):
+        Evaluator(("fd_digits",), real_images=digits_32px[0][:10], reference_key=DIGITS_KEY, n_generated=10,
+                  n_generated_is=1, n_real=10, cache_dir=tmp_path)
+
+
+@pytest.mark.slow
 def test_channels_last_inception_gives_the_same_features(random_inception_weights):
     """On CUDA the extractor runs in channels_last (build_extractor): the layout must not change a feature."""
     extractor = build_extractor(random_inception_weights, ("fid", "is"), torch.device("cpu"))

@@ -1,4 +1,5 @@
-"""Study specs and presets: expansion, bundles, unions, and every bad input named by its field."""
+"""Study specs: expansion, bundles, unions, and every bad input named by its field (the paper presets: in
+tests/test_presets.py)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,14 @@ from study.spec import (
     expand_grid,
     grid_packs,
     load_spec,
-    preset_names,
     trial_config,
 )
-
-PAPER_SCALES = [0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.4, 2.6, 2.8, 3.0, 3.2, 3.4, 3.6, 3.8, 4.0]
 
 
 def write_spec(tmp_path, text: str):
     path = tmp_path / "study.yaml"
     path.write_text(text)
     return str(path)
-
-
-def test_presets_shipped_are_the_six_named_in_the_design():
-    assert preset_names() == ["bssn-paper-celeba", "bssn-paper-cifar10", "bssn-paper-stl10",
-                              "compare-gan-wide", "default", "miyato-AF"]
 
 
 def test_default_preset_is_3_lrs_by_2_beta1_by_none_sn_bssn_by_2_seeds_on_cpu_digits():
@@ -50,36 +43,6 @@ def test_miyato_setting_bundle_moves_lr_betas_and_n_dis_together():
     assert (d.g_lr, d.d_lr, d.beta1, d.beta2, d.n_dis, d.dataset) == (1e-3, 1e-3, 0.5, 0.9, 5, "cifar10")
     f = configs[("F", "strict_sn")]
     assert (f.beta1, f.beta2, f.n_dis) == (0.9, 0.999, 5)
-
-
-def test_bssn_paper_grid_is_the_official_lr_grid_plus_the_scale_sweep_at_setting_b():
-    spec, _ = load_spec("bssn-paper-cifar10")
-    configs = [trial_config(spec, point, seed) for point, seed in expand_grid(spec)]
-    sweep = [c for c in configs if c.variant in ("ssn", "bssn")]
-    assert sorted({c.scale for c in sweep}) == PAPER_SCALES
-    assert {(c.g_lr, c.d_lr, c.beta1, c.beta2, c.n_dis) for c in sweep} == {(1e-4, 1e-4, 0.5, 0.999, 1)}
-    grid = [c for c in configs if c.variant not in ("ssn", "bssn")]
-    assert {(c.g_lr, c.d_lr) for c in grid} == {(1e-4, 1e-4), (1e-4, 2e-4), (2e-4, 1e-4), (2e-4, 2e-4)}
-    assert {(c.beta1, c.beta2, c.n_dis) for c in grid} == {(0.5, 0.999, 1), (0.5, 0.9, 5)}
-    assert {c.iterations for c in configs} == {400_000} and {c.seed for c in configs} == set(range(5))
-    assert len(configs) == (2 * 2 * 2 * 9 + 2 * len(PAPER_SCALES)) * 5
-
-
-def test_stl10_and_celeba_analogues_change_dataset_resolution_and_length():
-    stl, _ = load_spec("bssn-paper-stl10")
-    celeba, _ = load_spec("bssn-paper-celeba")
-    point, seed = expand_grid(stl)[0]
-    config = trial_config(stl, point, seed)
-    assert (config.dataset, config.resolution) == ("stl10", 48)
-    assert trial_config(stl, point, seed).iterations == 800_000
-    assert trial_config(celeba, point, seed).resolution == 64
-
-
-def test_learned_gamma_variants_get_the_wgan_gp_loss_in_the_paper_grid():
-    spec, _ = load_spec("bssn-paper-cifar10")
-    configs = [trial_config(spec, point, seed) for point, seed in expand_grid(spec)[:200]]
-    losses = {config.variant: config.loss for config in configs}
-    assert losses["sn_gamma_shared"] == "wgan_gp" and losses["sn"] == "hinge"
 
 
 def test_compare_gan_wide_is_a_random_search_of_100_points_by_3_seeds():

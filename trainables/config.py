@@ -10,9 +10,19 @@ import math
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 DATASETS = ("digits", "cifar10", "stl10", "celeba", "imagefolder", "mnist")
+# CelebA: all 202,599 aligned faces (the official preprocessing), or one list_eval_partition.txt split.
+CELEBA_SPLITS = ("all", "train", "valid", "test")
 ARCHITECTURES = ("standard_cnn", "resnet")
 VARIANTS = (
     "none", "sn", "ssn", "bsn", "bssn", "strict_sn", "sn_gamma_shared", "sn_gamma_layer",
@@ -78,6 +88,7 @@ class TrialConfig(StrictModel):
     data_root: str = "data"  # where the dataset lives on disk (ignored by the built-in digits)
     download: bool = False  # let torchvision download a missing dataset
     resolution: int = 32  # pixels per side of the training images
+    celeba_split: Literal[CELEBA_SPLITS] = "all"  # CelebA only: all images as the paper, or one partition
 
     # Networks and normalization
     architecture: Literal[ARCHITECTURES] = "standard_cnn"
@@ -97,6 +108,10 @@ class TrialConfig(StrictModel):
     beta2: float = 0.999
     n_dis: int = 1  # D steps per G step
     batch_size: int = 32  # the paper's is 64 (its presets set it); 32 keeps the quick CPU run quick
+    # Images per D step (real, and as many fake) and latents per G step; None: batch_size (filled in at
+    # validation). The paper's ImageNet runs use D 16, G 32 (fjxmlzn/BSN no_gamma-ResNet/config.py).
+    d_batch_size: int | None = None
+    g_batch_size: int | None = None
     iterations: int = Field(500, ge=1)  # generator iterations
     seed: int = 0
 
@@ -109,6 +124,9 @@ class TrialConfig(StrictModel):
     metrics: tuple[Literal[METRICS], ...] = ()  # empty: fd_digits for digits, else fid, is, kid
     eval_generated: int = Field(10_000, ge=2)  # the paper: 10k generated vs 5k real at each evaluation
     eval_real: int = Field(5_000, ge=2)
+    # Generated images of IS, in 10 splits; None: eval_generated (filled in at validation). The paper's IS
+    # draws 50k (fjxmlzn/BSN gan/metric.py), its own count beside FID's 10k.
+    eval_generated_is: int | None = None
     # torch-fidelity's weights-inception-2015-12-05-6726825d.pth; None: the torch hub cache
     inception_weights: str | None = None
     cache_dir: str = "~/.cache/gan-stability"  # reference statistics and the digits feature extractor
@@ -155,6 +173,13 @@ class TrialConfig(StrictModel):
             raise ValueError(f"batch_size must be >= 2, got {batch_size}")
         return batch_size
 
+    @field_validator("d_batch_size", "g_batch_size", "eval_generated_is")
+    @classmethod
+    def _count_at_least_two(cls, count: int | None, info: ValidationInfo) -> int | None:
+        if count is not None and count < 2:
+            raise ValueError(f"{info.field_name} must be >= 2, got {count}")
+        return count
+
     @model_validator(mode="before")
     @classmethod
     def _loss_follows_variant(cls, data: Any) -> Any:
@@ -178,6 +203,24 @@ class TrialConfig(StrictModel):
             raise ValueError(
                 f"scale: variant {self.variant!r} takes no constant c (got scale={self.scale}); "
                 f"scale applies to {', '.join(SCALED_VARIANTS)}, every other variant needs scale 1.0"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _unset_counts_follow_their_default(self) -> TrialConfig:
+        """Unset d_batch_size, g_batch_size follow batch_size; an unset eval_generated_is, eval_generated."""
+        for field, source in (("d_batch_size", "batch_size"), ("g_batch_size", "batch_size"),
+                              ("eval_generated_is", "eval_generated")):
+            if getattr(self, field) is None:
+                self.__dict__[field] = getattr(self, source)  # not setattr: that would validate again
+        return self
+
+    @model_validator(mode="after")
+    def _celeba_split_only_for_celeba(self) -> TrialConfig:
+        if self.celeba_split != "all" and self.dataset != "celeba":
+            raise ValueError(
+                f"celeba_split: {self.celeba_split!r} applies to dataset celeba only (got dataset "
+                f"{self.dataset!r}); leave it 'all'"
             )
         return self
 

@@ -1,6 +1,7 @@
 """Training images: a dataset on disk -> uint8 images at one resolution -> seeded batches in [-1, 1].
 
-`load_images(dataset, root, resolution)` returns an `ImageSource`: (B, 3, R, R) uint8 images by index.
+`load_images(dataset, root, resolution, split=...)` returns an `ImageSource`: (B, 3, R, R) uint8 images by
+index, and the name of the subset it holds (`split`, for the reference statistics' cache key).
 `BatchSampler` draws training batches from it, uniformly at random with replacement, from a CPU
 `torch.Generator` whose state goes into the trial's checkpoint. `real_images` gives the real images that the
 FID/IS/KID reference statistics are computed from.
@@ -14,8 +15,9 @@ digits       none (scikit-learn's bundled load_digits)  1,797 8x8 digits, 0..16 
 cifar10      cifar-10-batches-py/data_batch_{1..5}      the 50k training images, 32 px
 stl10        stl10_binary/unlabeled_X.bin               the 100k unlabeled images, 96 px (48 px in the
                                                         paper)
-celeba       celeba/img_align_celeba/*.jpg and          the 162,770 training-partition aligned faces,
-             celeba/list_eval_partition.txt             centre crop 128 px (64 px in the paper)
+celeba       celeba/img_align_celeba/*.jpg (and         all 202,599 aligned faces as the paper (split
+             celeba/list_eval_partition.txt for a       "all"), or one partition (train 162,770, valid,
+             split)                                     test); centre crop 128 px (64 px in the paper)
 imagefolder  root/<class>/<image> (ImageNet train, ..)  centre square crop (128 px in the paper)
 mnist        MNIST/raw/train-images-idx3-ubyte (or .gz)  the 60k training digits, zero-padded 28 -> 32 px
 ===========  =========================================  ==================================================
@@ -44,12 +46,12 @@ import torchvision
 from torchvision.datasets.utils import download_and_extract_archive, extract_archive
 from torchvision.io import ImageReadMode, decode_image
 
-from trainables.config import DATASETS
+from trainables.config import CELEBA_SPLITS, DATASETS
 
 CIFAR10_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 STL10_IMAGE_BYTES = 3 * 96 * 96
 CELEBA_CROP = 128  # px: the official centre crop of the 178 x 218 aligned faces
-CELEBA_TRAIN_PARTITION = "0"  # list_eval_partition.txt: 0 train, 1 valid, 2 test
+CELEBA_PARTITIONS = {"train": "0", "valid": "1", "test": "2"}  # the codes of list_eval_partition.txt
 MNIST_PADDED = 32  # px: 2 zero (background) pixels per side of MNIST's 28 px digits; no interpolation
 MNIST_RAW_FILES = (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
@@ -75,6 +77,7 @@ class ImageSource(abc.ABC):
 
     name: str  # dataset name, as trainables.config.DATASETS
     resolution: int  # R, pixels per side
+    split: str = "train"  # the subset held: "train" (the training images), CelebA's CELEBA_SPLITS
 
     @abc.abstractmethod
     def __len__(self) -> int: ...
@@ -112,9 +115,10 @@ class ImageFiles(ImageSource):
     `crop`: side of the centre square cut before resizing, in px; None: the largest one (the shorter side).
     """
 
-    def __init__(self, name: str, paths: list[str], resolution: int, crop: int | None):
+    def __init__(self, name: str, paths: list[str], resolution: int, crop: int | None, split: str = "train"):
         self.name = name
         self.resolution = resolution
+        self.split = split
         self.paths = paths
         self.crop = crop
         self._pool: ThreadPoolExecutor | None = None
@@ -163,21 +167,30 @@ def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-def load_images(dataset: str, root: str | Path, resolution: int, *, download: bool = False) -> ImageSource:
+def load_images(
+    dataset: str, root: str | Path, resolution: int, *, download: bool = False, split: str = "all"
+) -> ImageSource:
     """The training images of `dataset` at `resolution` px, prepared once per process (cached by arguments).
 
-    Raises ValueError for an unknown dataset or a resolution <= 0, and DatasetNotFoundError when the files are
-    missing (after trying torchvision's downloader, when `download` allows it).
+    split: CelebA's images, one of trainables.config.CELEBA_SPLITS ("all": every aligned face, as the paper);
+    every other dataset has one set of training images, "all" (the source's `split` names it "train").
+    Raises ValueError for an unknown dataset or split or a resolution <= 0, and DatasetNotFoundError when the
+    files are missing (after trying torchvision's downloader, when `download` allows it).
     """
     if dataset not in DATASETS:
         raise ValueError(f"dataset: unknown {dataset!r}; valid: {', '.join(DATASETS)}")
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
         raise ValueError(f"resolution: must be an int > 0 (pixels per side), got {resolution!r}")
-    return _load_cached(dataset, Path(root).expanduser().resolve(), resolution, download)
+    valid_splits = CELEBA_SPLITS if dataset == "celeba" else ("all",)
+    if split not in valid_splits:
+        raise ValueError(f"split: {split!r} is not a split of {dataset}; valid: {', '.join(valid_splits)}")
+    return _load_cached(dataset, Path(root).expanduser().resolve(), resolution, download, split)
 
 
 @functools.lru_cache(maxsize=2)  # a trial loads one dataset; a second slot for a second resolution
-def _load_cached(dataset: str, root: Path, resolution: int, download: bool) -> ImageSource:
+def _load_cached(dataset: str, root: Path, resolution: int, download: bool, split: str) -> ImageSource:
+    if dataset == "celeba":
+        return _load_celeba(root, resolution, download, split)
     return _LOADERS[dataset](root, resolution, download)
 
 
@@ -255,7 +268,9 @@ def _load_stl10(root: Path, resolution: int, download: bool) -> ImageSource:
     return InMemoryImages("stl10", out)
 
 
-def _load_celeba(root: Path, resolution: int, download: bool) -> ImageSource:
+def _load_celeba(root: Path, resolution: int, download: bool, split: str) -> ImageSource:
+    """All aligned faces in file-name order (000001.jpg ... 202599.jpg, as the official preprocessing reads
+    them), or those of one partition of list_eval_partition.txt."""
     folder = root / torchvision.datasets.CelebA.base_folder
     partition, images = folder / "list_eval_partition.txt", folder / "img_align_celeba"
     how = (
@@ -263,19 +278,26 @@ def _load_celeba(root: Path, resolution: int, download: bool) -> ImageSource:
         "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html, or set download: true "
         "(needs gdown; Google Drive quotas often refuse it)."
     )
-    if download and not (partition.is_file() and images.is_dir()):
+    needed = (images,) if split == "all" else (partition, images)
+    if download and not all(path.exists() for path in needed):
         _download("celeba", folder, torchvision.datasets.CelebA, root)
-    for path in (partition, images):
+    for path in needed:
         if not path.exists():
             raise DatasetNotFoundError("celeba", path, how)
-    # torchvision's CelebA demands md5 checksums of four annotation files we never use: read the format here.
-    rows = [line.split() for line in partition.read_text().splitlines()]  # "000001.jpg 0"
-    names = [row[0] for row in rows if row[1:] == [CELEBA_TRAIN_PARTITION]]
-    if not names:
-        raise ValueError(f"{partition}: no image in the training partition ({CELEBA_TRAIN_PARTITION})")
-    if not (images / names[0]).is_file():
-        raise DatasetNotFoundError("celeba", images / names[0], how)
-    return ImageFiles("celeba", [str(images / name) for name in names], resolution, crop=CELEBA_CROP)
+    if split == "all":
+        names = sorted(entry.name for entry in os.scandir(images) if entry.name.endswith(".jpg"))
+        if not names:
+            raise DatasetNotFoundError("celeba", images / "000001.jpg", how)
+    else:
+        # torchvision's CelebA demands md5 checksums of four annotation files we never use: read it here.
+        rows = [line.split() for line in partition.read_text().splitlines()]  # "000001.jpg 0"
+        names = [row[0] for row in rows if row[1:] == [CELEBA_PARTITIONS[split]]]
+        if not names:
+            raise ValueError(f"{partition}: no image in the {split} partition ({CELEBA_PARTITIONS[split]})")
+        if not (images / names[0]).is_file():
+            raise DatasetNotFoundError("celeba", images / names[0], how)
+    return ImageFiles("celeba", [str(images / name) for name in names], resolution, crop=CELEBA_CROP,
+                      split=split)
 
 
 def _load_imagefolder(root: Path, resolution: int, download: bool) -> ImageSource:
@@ -325,9 +347,9 @@ def _download(dataset: str, path: Path, cls: type, root: Path) -> None:
         raise DatasetNotFoundError(dataset, path, f"Download failed: {exc}") from exc
 
 
-_LOADERS: dict[str, Callable[[Path, int, bool], ImageSource]] = {
+_LOADERS: dict[str, Callable[[Path, int, bool], ImageSource]] = {  # celeba, which takes a split: _load_cached
     "digits": _load_digits, "cifar10": _load_cifar10, "stl10": _load_stl10,
-    "celeba": _load_celeba, "imagefolder": _load_imagefolder, "mnist": _load_mnist,
+    "imagefolder": _load_imagefolder, "mnist": _load_mnist,
 }
 
 

@@ -3,11 +3,13 @@ and `fd_digits` (an offline Fréchet distance in a small digits classifier's fea
 
     key = {"dataset": "cifar10", "split": "train", "resolution": 32}
     evaluator = Evaluator(("fid", "is", "kid"), real_images=real, reference_key=key,
-                          n_generated=10_000, n_real=5_000, cache_dir=...)
+                          n_generated=10_000, n_generated_is=50_000, n_real=5_000, cache_dir=...)
     evaluator(generate)  # -> {"fid": ..., "is": ..., "kid": ...}
 
-Sample counts choose the protocol: the paper's is 10k generated vs 5k real at each evaluation (the trial
-config's defaults eval_generated / eval_real); the full one is 50k generated vs the whole training set.
+Sample counts choose the protocol. The paper's (fjxmlzn/BSN gan/metric.py), at every evaluation: FID on 10k
+generated vs 5k real, IS on 50k generated in 10 splits (the trial config's eval_generated, eval_real,
+eval_generated_is); one pass of max(n_generated, n_generated_is) images feeds both, FID and KID reading the
+first n_generated of them. The full FID protocol is 50k generated vs the whole training set.
 The slow one-off work (weights, the digits classifier, the real statistics) happens at construction, so that
 a missing file stops the trial before training starts.
 """
@@ -50,9 +52,10 @@ class Evaluator:
     """Computes the named metrics of `generate` against fixed real images.
 
     names: metric names from trainables.config.METRICS. real_images: uint8 (N, 3, R, R). reference_key: names
-    the real data in the cache file (dataset, split, resolution required). n_generated: images drawn per call.
-    n_real: real images in the statistics (<= N; a seeded subset when fewer). cache_dir: reference statistics
-    and the digits classifier. inception_weights: path of torch-fidelity's InceptionV3 weights (None: torch
+    the real data in the cache file (dataset, split, resolution required). n_generated: images of FID, KID and
+    fd_digits per call. n_generated_is: images of IS per call (None: n_generated). n_real: real images in the
+    statistics (<= N; a seeded subset when fewer). cache_dir: reference statistics and the digits
+    classifier. inception_weights: path of torch-fidelity's InceptionV3 weights (None: torch
     hub cache, downloaded when possible). device: "cpu" or "cuda[:i]", where the feature extractors run.
     """
 
@@ -64,6 +67,7 @@ class Evaluator:
         reference_key: dict[str, object],
         n_generated: int,
         n_real: int,
+        n_generated_is: int | None = None,
         cache_dir: str | Path,
         inception_weights: str | Path | None = None,
         device: torch.device | str = "cpu",
@@ -83,7 +87,9 @@ class Evaluator:
             )
             raise ValueError(f"real_images: expected a uint8 tensor of shape (N, 3, R, R), got {got}")
         self.resolution = real_images.shape[-1]
-        for field, value in (("n_generated", n_generated), ("n_real", n_real)):
+        n_generated_is = n_generated if n_generated_is is None else n_generated_is
+        counts = (("n_generated", n_generated), ("n_real", n_real), ("n_generated_is", n_generated_is))
+        for field, value in counts:
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
                 raise ValueError(f"{field}: expected an integer >= 2, got {value!r}")
         if n_real > real_images.shape[0]:
@@ -94,7 +100,7 @@ class Evaluator:
                 f"reference_key: resolution {reference_key['resolution']} does not match the "
                 f"{self.resolution} px real images"
             )
-        self.n_generated, self.n_real = n_generated, n_real
+        self.n_generated, self.n_real, self.n_generated_is = n_generated, n_real, n_generated_is
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device: {self.device} is not supported; valid: cpu, cuda, cuda:<index>")
@@ -129,14 +135,21 @@ class Evaluator:
             self._digits_reference = FrechetReference(reference.mu, reference.sigma)
 
     def __call__(self, generate: Callable[[int], torch.Tensor]) -> dict[str, float]:
-        """Metrics of n_generated images from `generate(b) -> (b, 3, R, R) uint8`, keyed by the names."""
+        """Metrics of images from `generate(b) -> (b, 3, R, R) uint8`, keyed by the names: IS of the first
+        n_generated_is, the others of the first n_generated (fd_digits: of n_generated drawn after them)."""
 
         def checked(batch: int) -> torch.Tensor:
             return _checked_batch(generate(batch), batch, self.resolution)
 
         out: dict[str, float] = {}
         if self._inception is not None:
-            features = generated_features(self._inception, checked, self.n_generated, self.device)
+            keep = {}
+            if "fid" in self.names or "kid" in self.names:
+                keep[FEATURE_LAYER["fid"]] = self.n_generated
+            if "is" in self.names:
+                keep[FEATURE_LAYER["is"]] = self.n_generated_is
+            n_images = max(keep.values())
+            features = generated_features(self._inception, checked, n_images, self.device, keep=keep)
             out |= metrics_from_features(self.names, features, self._inception_reference, self._fid_reference)
         if self._digits is not None:
             mu, sigma = gaussian_statistics(self._digits.of_generated(checked, self.n_generated))

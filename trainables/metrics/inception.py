@@ -185,11 +185,18 @@ def generated_features(
     generate: Callable[[int], torch.Tensor],
     n_generated: int,
     device: torch.device,
+    *,
+    keep: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """torch-fidelity's features of n_generated images from `generate(b) -> (b, 3, R, R) uint8`, batch by
     batch, kept on `device` (no host round trip per batch): {'2048': (n, 2048), 'logits_unbiased': (n, 1008)}
     for the layers the extractor was built with. As torch-fidelity's own generative-model loop, which draws
-    latents the generator here draws itself."""
+    latents the generator here draws itself.
+
+    keep: how many images' features each layer keeps, the first ones drawn ({'2048': 10_000,
+    'logits_unbiased': 50_000}: FID's 10k and IS's 50k from one pass of 50k); None: all n_generated.
+    """
+    keep = keep or {}
     batches: dict[str, list[torch.Tensor]] = {}
     batch_size = BATCH_SIZE[device.type]
     with _on(device):
@@ -197,7 +204,9 @@ def generated_features(
             images = generate(min(batch_size, n_generated - start)).to(device)
             features = extractor.convert_features_tuple_to_dict(extractor(images))
             for layer, value in features.items():
-                batches.setdefault(layer, []).append(value)
+                wanted = keep.get(layer, n_generated) - start
+                if wanted > 0:
+                    batches.setdefault(layer, []).append(value[:wanted])
     return {layer: torch.cat(values) for layer, values in batches.items()}
 
 
