@@ -61,7 +61,7 @@ def make_trainee(variant: str, config: TrialConfig, device: torch.device) -> Tra
 
 def training_iteration(t: Trainee, real: torch.Tensor) -> None:
     """One iteration of train()'s loop on real images (B, 3, R, R) in [-1, 1]: its step, without logging."""
-    train_iteration(t.step, t.trial.monitor, 1, t.trial.config.n_dis, lambda: real, t.trial.latents)
+    train_iteration(t.step, t.trial.monitor, t.trial.config, 1, lambda: real, t.trial.latents)
 
 
 def synchronize(device: torch.device) -> None:

@@ -63,14 +63,14 @@ class Pack:
         source = load_images("digits", "", RESOLUTION)
         trials = [Trial.build(cfg, lambda metrics, checkpoint_dir=None: None, source, device, workdir=workdir,
                               checkpoint_dir=workdir) for cfg in configs]
-        self.n_dis = configs[0].n_dis
+        self.config = configs[0]  # what the members share: n_dis, batch sizes
         self.step = PackedStep(trials)
         self.monitor = PackedStepMonitor([trial.monitor for trial in trials], device)
 
 
 def packed_iteration(pack: Pack, real: torch.Tensor) -> None:
     """One iteration of train_pack()'s loop without logging; real: (K, B, 3, R, R)."""
-    train_iteration(pack.step, pack.monitor, 1, pack.n_dis, lambda: real, pack.step.latents)
+    train_iteration(pack.step, pack.monitor, pack.config, 1, lambda: real, pack.step.latents)
 
 
 def median_seconds(step, device: torch.device, warmup: int, iters: int) -> float:

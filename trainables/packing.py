@@ -47,7 +47,6 @@ from trainables.config import (
     TrialConfig,
     parse_config,
 )
-from trainables.data import load_images
 from trainables.diagnostics import gradient_norms
 from trainables.events import StepMonitor
 from trainables.losses import discriminator_loss, generator_loss
@@ -64,6 +63,7 @@ from trainables.trial import (
     logged_values,
     resolve_device,
     train_iteration,
+    training_images,
 )
 
 ADAM_EPS = 1e-8  # torch.optim.Adam's default, as train.py uses it
@@ -341,8 +341,8 @@ class PackedStep:
     def real(self) -> Tensor:
         return torch.stack([trial.sampler.next() for trial in self.trials])
 
-    def latents(self) -> Tensor:
-        return torch.stack([trial.latents() for trial in self.trials])
+    def latents(self, batch: int) -> Tensor:
+        return torch.stack([trial.latents(batch) for trial in self.trials])
 
     def write_members(self) -> None:
         """Each member's weights and buffers into its trial's modules (for its diagnostics and checkpoint)."""
@@ -385,7 +385,7 @@ def train_pack(configs: list[TrialConfig | dict], reports: list[Report], *, work
     cfg0 = cfgs[0]
     workdir = Path(workdir)
     device = resolve_device(cfg0.device)
-    source = load_images(cfg0.dataset, cfg0.data_root, cfg0.resolution, download=cfg0.download)
+    source = training_images(cfg0)
     trials = [Trial.build(cfg, report, source, device, workdir=workdir / member_name(k),
                           checkpoint_dir=workdir / PACK_CHECKPOINT / member_name(k))
               for k, (cfg, report) in enumerate(zip(cfgs, reports, strict=True))]
@@ -403,7 +403,7 @@ def train_pack(configs: list[TrialConfig | dict], reports: list[Report], *, work
     rate = TrainingRate(active[0].iteration)
     for iteration in range(active[0].iteration + 1, cfg0.iterations + 1):
         logging_step = is_logging_step(cfg0, iteration)
-        real, d, g = train_iteration(step, monitor, iteration, cfg0.n_dis, step.real, step.latents,
+        real, d, g = train_iteration(step, monitor, cfg0, iteration, step.real, step.latents,
                                      layer_norms=logging_step)
         if not logging_step:
             continue

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from trainables.config import TrialConfig, parse_config
-from trainables.data import load_images
 from trainables.diagnostics import gradient_norms
 from trainables.losses import discriminator_loss, generator_loss, gradient_penalty
 from trainables.normalization import PowerIterationStarts, frozen_parametrizations
@@ -32,6 +31,7 @@ from trainables.trial import (
     logged_values,
     resolve_device,
     train_iteration,
+    training_images,
 )
 
 
@@ -117,7 +117,7 @@ def train(config: TrialConfig | dict, report: Report, *, workdir: str | Path,
     """
     cfg = parse_config(config)
     device = resolve_device(cfg.device)
-    source = load_images(cfg.dataset, cfg.data_root, cfg.resolution, download=cfg.download)  # fails early
+    source = training_images(cfg)
     workdir = Path(workdir)
     trial = Trial.build(cfg, report, source, device, workdir=workdir, checkpoint_dir=workdir / "checkpoint",
                         fused_adam=cfg.compile and device.type == "cuda")
@@ -130,8 +130,8 @@ def train(config: TrialConfig | dict, report: Report, *, workdir: str | Path,
     rate = TrainingRate(trial.iteration)
     for iteration in range(trial.iteration + 1, cfg.iterations + 1):
         logging_step = is_logging_step(cfg, iteration)
-        real, d, g = train_iteration(step, trial.monitor, iteration, cfg.n_dis, trial.sampler.next,
-                                     trial.latents, layer_norms=logging_step)
+        real, d, g = train_iteration(step, trial.monitor, cfg, iteration, trial.sampler.next, trial.latents,
+                                     layer_norms=logging_step)
         if not logging_step:
             continue
 

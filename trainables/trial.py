@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from trainables.config import ConfigError, TrialConfig
-from trainables.data import BatchSampler, ImageSource, real_images
+from trainables.data import BatchSampler, ImageSource, load_images, real_images
 from trainables.diagnostics import input_gradient_norms, sample_diversity, save_sample_grid, spectral_metrics
 from trainables.events import DivergenceWatch, StepMonitor
 from trainables.files import atomic_path, write_text_atomically
@@ -104,19 +104,21 @@ class Step(Protocol):
     def g_step(self, z: Tensor, *, layer_norms: bool = False) -> GStep: ...
 
 
-def train_iteration(step: Step, monitor: StepMonitor, iteration: int, n_dis: int,
-                    real: Callable[[], Tensor], latents: Callable[[], Tensor], *,
+def train_iteration(step: Step, monitor: StepMonitor, cfg: TrialConfig, iteration: int,
+                    real: Callable[[], Tensor], latents: Callable[[int], Tensor], *,
                     layer_norms: bool = False) -> tuple[Tensor, DStep, GStep]:
-    """One iteration: n_dis D steps, then one G step, each watched by the monitor on the device.
+    """One iteration: cfg.n_dis D steps, then one G step, each watched by the monitor on the device.
 
-    real(), latents(): the next batches. Returns the last D step's real batch and results and the G step's,
+    real(): the next real batch (d_batch_size images); latents(n): the next n latents (d_batch_size for a D
+    step, g_batch_size for the G step). Returns the last D step's real batch and results and the G step's,
     which a logging step reads; layer_norms: also the per-layer gradient norms of those two steps.
     """
-    for d_index in range(n_dis):
+    for d_index in range(cfg.n_dis):
         real_batch = real()
-        d = step.d_step(real_batch, latents(), layer_norms=layer_norms and d_index == n_dis - 1)
+        d = step.d_step(real_batch, latents(cfg.d_batch_size),
+                        layer_norms=layer_norms and d_index == cfg.n_dis - 1)
         monitor.update(iteration, d.loss, d.grad_norm)
-    g = step.g_step(latents(), layer_norms=layer_norms)
+    g = step.g_step(latents(cfg.g_batch_size), layer_norms=layer_norms)
     monitor.update(iteration, g.loss, g.grad_norm)
     return real_batch, d, g
 
@@ -150,14 +152,20 @@ class TrainingRate:
         return (iteration - self.iteration) / max(time.perf_counter() - self.started, 1e-9)
 
 
+def training_images(cfg: TrialConfig) -> ImageSource:
+    """The trial's dataset; fails here, before any training, when its files are missing."""
+    return load_images(cfg.dataset, cfg.data_root, cfg.resolution, download=cfg.download,
+                       split=cfg.celeba_split)
+
+
 def build_evaluator(cfg: TrialConfig, source: ImageSource, device: torch.device) -> Evaluator:
     """The trial's metrics against one reference set, the same for every seed (and every member of a pack)."""
     n_real = min(cfg.eval_real, len(source))
     return Evaluator(
         cfg.metric_names, real_images=real_images(source, n_real, seed=0),
-        reference_key={"dataset": cfg.dataset, "split": "train", "resolution": cfg.resolution},
-        n_generated=cfg.eval_generated, n_real=n_real, cache_dir=Path(cfg.cache_dir).expanduser(),
-        inception_weights=cfg.inception_weights, device=device,
+        reference_key={"dataset": cfg.dataset, "split": source.split, "resolution": cfg.resolution},
+        n_generated=cfg.eval_generated, n_generated_is=cfg.eval_generated_is, n_real=n_real,
+        cache_dir=Path(cfg.cache_dir).expanduser(), inception_weights=cfg.inception_weights, device=device,
     )
 
 
@@ -210,16 +218,15 @@ class Trial:
             generator=generator, discriminator=discriminator,
             opt_g=torch.optim.Adam(generator.parameters(), lr=cfg.g_lr, betas=betas, fused=fused),
             opt_d=torch.optim.Adam(discriminator.parameters(), lr=cfg.d_lr, betas=betas, fused=fused),
-            sampler=BatchSampler(source, cfg.batch_size, seed=cfg.seed, device=device), noise=noise,
+            sampler=BatchSampler(source, cfg.d_batch_size, seed=cfg.seed, device=device), noise=noise,
             monitor=StepMonitor(cfg.divergence.grad_explosion, device), watch=DivergenceWatch(cfg.divergence),
             grid_latents=torch.randn(GRID_SAMPLES, cfg.z_dim,
                                      generator=torch.Generator().manual_seed(cfg.seed)).to(device),
         )
 
-    def latents(self) -> Tensor:
-        """The next batch of latents (B, z_dim) from the trial's own stream."""
-        cfg = self.config
-        return torch.randn(cfg.batch_size, cfg.z_dim, generator=self.noise, device=self.device)
+    def latents(self, batch: int) -> Tensor:
+        """The next `batch` latents (batch, z_dim) from the trial's own stream."""
+        return torch.randn(batch, self.config.z_dim, generator=self.noise, device=self.device)
 
     # -- checkpoints --
 
