@@ -47,7 +47,7 @@ NETWORKS = ("D", "G")
 # Per-step causes, in the order they are reported when several are found at the same update.
 STEP_CAUSES = ("nonfinite_loss", "nonfinite_grad", "grad_explosion", "grad_spike")
 MEDIAN_MIN_STEPS = 8  # in-threshold steps before the running median takes part in the threshold
-_LOSS, _GRAD, _EXPLOSION, _SPIKE = range(len(STEP_CAUSES))
+CAUSE_ORDER = (0, 1, 1, 1)  # within one update: the loss before the gradient and what it starts or ends
 
 
 @dataclass
@@ -111,6 +111,7 @@ class StepMonitor:
         self.updates = 0
         self.limits = _limits(config, torch.device(device))
         self.state = _fresh_state(config.grad_explosion_median_steps, torch.device(device))
+        self.cause_order = torch.tensor(CAUSE_ORDER, device=device)
 
     # ---- one pack of members -------------------------------------------------------------------------
 
@@ -122,7 +123,7 @@ class StepMonitor:
                for m in monitors):
             raise ValueError("monitors: stack single-trial monitors with the same updates and layers")
         stacked = cls.__new__(cls)
-        stacked.layers, stacked.updates = first.layers, first.updates
+        stacked.layers, stacked.updates, stacked.cause_order = first.layers, first.updates, first.cause_order
         stacked.limits = {key: torch.stack([m.limits[key] for m in monitors]) for key in first.limits}
         steps = max(m.state["history"].shape[-1] for m in monitors)
         stacked.state = {key: torch.stack([_padded(m.state[key], steps) if key == "history" else m.state[key]
@@ -132,7 +133,7 @@ class StepMonitor:
     def member(self, k: int) -> StepMonitor:
         """Member k's own monitor (a copy), as a single trial of its config would have it."""
         single = StepMonitor.__new__(StepMonitor)
-        single.layers, single.updates = self.layers, self.updates
+        single.layers, single.updates, single.cause_order = self.layers, self.updates, self.cause_order
         single.limits = {key: value[k].clone() for key, value in self.limits.items()}
         steps = int(single.limits["median_steps"])
         single.state = {key: (value[k, ..., :steps] if key == "history" else value[k]).clone()
@@ -184,7 +185,7 @@ class StepMonitor:
         # (a start-up episode) when the start-up is over.
         recovered = active & finite & ~over & (iteration - last_over >= lim["recovery"])
         closed = recovered | (active & startup_episode & ~in_startup)
-        self._first(_SPIKE, n, closed, start, peak, opened_at, layer, order + 1)
+        spike = (start, peak, opened_at, layer)  # the closed episode as it was, read before the writes below
         active = active & ~closed
         opened = over & ~active
         higher = opened | (over & (g > peak))
@@ -195,10 +196,16 @@ class StepMonitor:
         startup_episode = torch.where(opened, in_startup, startup_episode)
         last_over = torch.where(over, iteration, last_over)
         exploded = (start >= 0) & ~startup_episode & (iteration - start + 1 >= lim["patience"])
-        self._first(_EXPLOSION, n, exploded, start, peak, opened_at, layer, order + 1)
+        now, no_layer = torch.full_like(start, iteration), torch.full_like(layer, -1)
         nan = torch.full_like(g, math.nan)
-        self._first(_LOSS, n, ~loss.isfinite(), iteration, loss, nan, torch.full_like(bad_layer, -1), order)
-        self._first(_GRAD, n, ~finite, iteration, g, nan, bad_layer, order + 1)
+        # The first occurrence of each cause, in STEP_CAUSES order, on this network: one write per array.
+        self._first(n, torch.stack([~loss.isfinite(), ~finite, exploded, closed], dim=-1), {
+            "first_iteration": torch.stack([now, now, start, spike[0]], dim=-1),
+            "first_value": torch.stack([loss, g, peak, spike[1]], dim=-1),
+            "first_threshold": torch.stack([nan, nan, opened_at, spike[2]], dim=-1),
+            "first_layer": torch.stack([no_layer, bad_layer, layer, spike[3]], dim=-1),
+            "first_order": order + self.cause_order,
+        })
         for key, value in (("episode_start", start), ("episode_last_over", last_over), ("episode_peak", peak),
                            ("episode_threshold", opened_at), ("episode_layer", layer),
                            ("episode_startup", startup_episode)):
@@ -212,15 +219,13 @@ class StepMonitor:
         history.scatter_(-1, slot, torch.where(accepted, g, kept).unsqueeze(-1))
         s["history_position"][..., n] = torch.where(accepted, (position + 1) % lim["median_steps"], position)
 
-    def _first(self, cause: int, n: int, holds: Tensor, iteration: Tensor | int, value: Tensor,
-               threshold: Tensor, layer: Tensor, order: int) -> None:
-        """Remember (iteration, value, threshold, layer, order) for this cause and network where it holds
-        for the first time."""
+    def _first(self, n: int, holds: Tensor, updates: dict[str, Tensor]) -> None:
+        """Write updates (..., causes) into the first-occurrence arrays of network n where a cause holds
+        (holds (..., causes)) for the first time."""
         s = self.state
-        new = holds & (s["first_iteration"][..., cause, n] < 0)
-        for key, update in (("first_iteration", iteration), ("first_value", value),
-                            ("first_threshold", threshold), ("first_layer", layer), ("first_order", order)):
-            s[key][..., cause, n] = torch.where(new, update, s[key][..., cause, n])
+        new = holds & (s["first_iteration"][..., n, :] < 0)
+        for key, update in updates.items():
+            s[key][..., n, :] = torch.where(new, update, s[key][..., n, :])
 
     # ---- reading and checkpoints ---------------------------------------------------------------------
 
@@ -237,7 +242,7 @@ class StepMonitor:
         for index, (iteration, order, value, threshold, layer) in enumerate(table):
             if iteration < 0:
                 continue
-            cause, n = divmod(index, len(NETWORKS))
+            n, cause = divmod(index, len(STEP_CAUSES))
             names = self.layers[NETWORKS[n]]
             found.append((order, cause, StepFinding(
                 STEP_CAUSES[cause], NETWORKS[n], int(iteration), value,
@@ -273,11 +278,11 @@ def _fresh_state(median_steps: int, device: torch.device) -> dict[str, Tensor]:
         return torch.full(shape, value, dtype=dtype, device=device)
 
     return {
-        "first_iteration": full((causes, networks), -1, torch.int64),
-        "first_order": full((causes, networks), 0, torch.int64),
-        "first_value": full((causes, networks), 0.0, torch.float32),
-        "first_threshold": full((causes, networks), math.nan, torch.float32),
-        "first_layer": full((causes, networks), -1, torch.int64),
+        "first_iteration": full((networks, causes), -1, torch.int64),
+        "first_order": full((networks, causes), 0, torch.int64),
+        "first_value": full((networks, causes), 0.0, torch.float32),
+        "first_threshold": full((networks, causes), math.nan, torch.float32),
+        "first_layer": full((networks, causes), -1, torch.int64),
         "episode_start": full((networks,), -1, torch.int64),
         "episode_last_over": full((networks,), -1, torch.int64),
         "episode_peak": full((networks,), 0.0, torch.float32),
