@@ -29,7 +29,7 @@ from torch import nn
 from trainables.config import VARIANTS, TrialConfig
 from trainables.data import load_images
 from trainables.train import SingleStep
-from trainables.trial import Trial, train_iteration
+from trainables.trial import Trial, build_evaluation, train_iteration
 
 ARCHITECTURE, RESOLUTION = "standard_cnn", 32
 REFERENCE = "torch_sn"  # PyTorch's stock spectral norm, for scale
@@ -50,8 +50,9 @@ def make_trainee(variant: str, config: TrialConfig, device: torch.device) -> Tra
     cfg = config.model_copy(update={"variant": "none" if variant == REFERENCE else variant,
                                     "device": str(device)})
     workdir = Path("unused-bench-workdir")  # never created: only logging steps write, and none runs
-    trial = Trial.build(cfg, lambda metrics, checkpoint_dir=None: None, load_images("digits", "", RESOLUTION),
-                        device, workdir=workdir, checkpoint_dir=workdir)
+    source = load_images("digits", "", RESOLUTION)
+    trial = Trial.build(cfg, lambda metrics, checkpoint_dir=None: None, source, build_evaluation(cfg, source),
+                        workdir=workdir, checkpoint_dir=workdir)
     if variant == REFERENCE:  # the parametrization keeps the Parameter objects Adam already holds
         for layer in list(trial.discriminator.modules()):
             if isinstance(layer, nn.Conv2d | nn.Linear):

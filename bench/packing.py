@@ -41,8 +41,9 @@ from iteration_time import (
 
 from trainables.config import TrialConfig
 from trainables.data import load_images
-from trainables.packing import PackedStep, PackedStepMonitor
-from trainables.trial import Trial, train_iteration
+from trainables.events import StepMonitor
+from trainables.packing import PackedStep
+from trainables.trial import Trial, build_evaluation, train_iteration
 
 PAPER_EVAL_EVERY = 10_000  # generator iterations between two evaluations of a member (the official code)
 
@@ -58,14 +59,15 @@ def member_configs(k: int, args: argparse.Namespace) -> list[TrialConfig]:
 class Pack:
     """K member trials built as train_pack() builds them, their packed step and monitor."""
 
-    def __init__(self, configs: list[TrialConfig], device: torch.device):
+    def __init__(self, configs: list[TrialConfig]):
         workdir = Path("unused-bench-workdir")  # never created: only logging steps write, and none runs
         source = load_images("digits", "", RESOLUTION)
-        trials = [Trial.build(cfg, lambda metrics, checkpoint_dir=None: None, source, device, workdir=workdir,
-                              checkpoint_dir=workdir) for cfg in configs]
+        evaluation = build_evaluation(configs[0], source)
+        trials = [Trial.build(cfg, lambda metrics, checkpoint_dir=None: None, source, evaluation,
+                              workdir=workdir, checkpoint_dir=workdir) for cfg in configs]
         self.config = configs[0]  # what the members share: n_dis, batch sizes
         self.step = PackedStep(trials)
-        self.monitor = PackedStepMonitor([trial.monitor for trial in trials], device)
+        self.monitor = StepMonitor.stack([trial.monitor for trial in trials])
 
 
 def packed_iteration(pack: Pack, real: torch.Tensor) -> None:
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'K':>4} {'ms/pack iteration':>18} {'packed it/s (sum)':>18} {'separate it/s':>14} {'ratio':>7}"
           + share_header)
     for k in args.packs:
-        pack = Pack(member_configs(k, args), device)
+        pack = Pack(member_configs(k, args))
         stacked_real = real.expand(k, *real.shape).contiguous()
         seconds = median_seconds(partial(packed_iteration, pack, stacked_real), device, args.warmup,
                                  args.iters)
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile is not None:
         k = args.profile
         print(f"\nprofile of one packed iteration, K = {k}:")
-        pack = Pack(member_configs(k, args), device)
+        pack = Pack(member_configs(k, args))
         profile_packed_iteration(pack, real.expand(k, *real.shape).contiguous(), device)
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from trainables.config import parse_config
-from trainables.packing import PackedStep, PackedStepMonitor
+from trainables.events import StepMonitor
+from trainables.packing import PackedStep
 from trainables.train import SingleStep
-from trainables.trial import Trial, build_evaluator, train_iteration, training_images
+from trainables.trial import Trial, build_evaluation, train_iteration, training_images
 
 SMALL = {"width": 0.0625, "z_dim": 8, "batch_size": 4, "d_batch_size": 6, "g_batch_size": 10, "n_dis": 2,
          "device": "cpu"}
@@ -22,9 +23,10 @@ def batch_sizes_seen(module: torch.nn.Module) -> list[int]:
 
 
 def build(config: dict, tmp_path) -> Trial:
-    cfg = parse_config(config)
-    return Trial.build(cfg, lambda metrics, checkpoint_dir=None: None, training_images(cfg),
-                       torch.device("cpu"), workdir=tmp_path, checkpoint_dir=tmp_path)
+    cfg = parse_config(config | {"cache_dir": str(tmp_path / "cache")})
+    source = training_images(cfg)
+    return Trial.build(cfg, lambda metrics, checkpoint_dir=None: None, source, build_evaluation(cfg, source),
+                       workdir=tmp_path, checkpoint_dir=tmp_path)
 
 
 def test_single_iteration_runs_d_steps_at_d_batch_size_and_the_g_step_at_g_batch_size(tmp_path):
@@ -46,7 +48,7 @@ def test_packed_iteration_runs_each_members_steps_at_their_batch_sizes(tmp_path,
     step = PackedStep(trials)
     generator_batches = batch_sizes_seen(step.generator.template)  # inside vmap: one member's shapes
     discriminator_batches = batch_sizes_seen(step.discriminator.template)
-    monitor = PackedStepMonitor([trial.monitor for trial in trials], torch.device("cpu"))
+    monitor = StepMonitor.stack([trial.monitor for trial in trials])
     real, d, g = train_iteration(step, monitor, trials[0].config, 1, step.real, step.latents)
     assert generator_batches == [d_batch_size, d_batch_size, g_batch_size]
     assert discriminator_batches == [2 * d_batch_size, 2 * d_batch_size, g_batch_size]
@@ -57,5 +59,5 @@ def test_packed_iteration_runs_each_members_steps_at_their_batch_sizes(tmp_path,
 def test_evaluator_draws_is_on_its_own_count(tmp_path):
     cfg = parse_config(SMALL | {"eval_generated": 40, "eval_generated_is": 100, "eval_real": 50,
                                 "cache_dir": str(tmp_path / "cache")})
-    evaluator = build_evaluator(cfg, training_images(cfg), torch.device("cpu"))
+    evaluator = build_evaluation(cfg, training_images(cfg)).metrics
     assert (evaluator.n_generated, evaluator.n_generated_is, evaluator.n_real) == (40, 100, 50)

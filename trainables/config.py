@@ -32,9 +32,11 @@ SCALED_VARIANTS = ("ssn", "bssn", "strict_sn")  # the variants that take the pap
 LOSSES = ("hinge", "non_saturating", "wgan_gp")
 METRICS = ("fid", "is", "kid", "fd_digits")
 DIVERGENCE_CAUSES = (
-    "nonfinite_loss", "nonfinite_grad", "grad_explosion", "grad_vanishing",
+    "nonfinite_loss", "nonfinite_grad", "grad_explosion", "grad_spike", "grad_vanishing",
     "fid_blowup", "d_saturation", "mode_collapse",
 )
+# Causes that only ever record: a transient the run recovered from (trainables/events.py) never stops it.
+TRANSIENT_CAUSES = ("grad_spike",)
 # The paper trains the learned-gamma SN baselines with WGAN-GP; every other variant with the hinge loss.
 GAMMA_VARIANTS = ("sn_gamma_shared", "sn_gamma_layer")
 # Trial packing (trainables/packing.py): the fields in which the members of a pack may differ (every other
@@ -50,21 +52,60 @@ class StrictModel(BaseModel):
 
 
 class DivergenceConfig(StrictModel):
-    """Thresholds and policies of the divergence watch (trainables/events.py)."""
+    """Thresholds, windows and policies of the divergence watch (trainables/events.py, which gives each rule).
 
-    grad_explosion: float = Field(1e4, gt=0)  # total gradient norm of D or G above this is an explosion
+    A divergence is a state the run does not recover from; every detector has a persistence rule, and a
+    gradient spike that recovers is an event (`grad_spike`) that never stops the trial. Non-finite losses and
+    gradients stop at once. Windows are in generator iterations, logging steps or evaluations, as named;
+    a window set to more than the run can hold is refused by TrialConfig (a default one that does not fit
+    leaves its detector idle, listed by TrialConfig.idle_detectors).
+    """
+
+    # Gradient explosion, per network (D and G each): a step is over threshold when its total gradient norm
+    # exceeds both grad_explosion and grad_explosion_factor x the running median of that network's recent
+    # in-threshold steps (an absolute floor alone misfires where healthy norms are large; a relative rule
+    # alone misfires where the median is ~0, e.g. a saturated hinge D, whose gradient is exactly 0).
+    grad_explosion: float = Field(1e4, gt=0)  # absolute floor of the threshold (total gradient norm)
+    grad_explosion_factor: float | None = Field(100.0, gt=1)  # x running median (None: the floor only)
+    grad_explosion_median_steps: int = Field(64, ge=8)  # in-threshold steps of that network in the median
+    # An episode starts at the first step over threshold. It is a grad_explosion (at its first iteration)
+    # once it has lasted grad_explosion_patience iterations without recovering, and a grad_spike if the
+    # norm comes back under threshold for grad_explosion_recovery consecutive iterations first.
+    grad_explosion_patience: int = Field(20, ge=1)
+    grad_explosion_recovery: int = Field(5, ge=1)
+    # Start-up: steps over threshold in the first iterations are spikes, never explosions, and stay out of
+    # the median. Measured (bench/startup_spike.py, lr 1e-2): Adam's first steps move every D weight by
+    # +-lr while the SN power iteration, started from a random u as in the official code, lags the new
+    # weights, so W/sigma is up to x947 too large over D's layers in G's first step and x40 in D's second;
+    # from iteration 3 on the lag is under x1.6 and the spike is gone (G 5.6e5 -> 3, D 1.4e5 -> 17).
+    grad_explosion_startup: int = Field(5, ge=0)
     grad_vanishing: float = Field(1e-8, gt=0)  # total gradient norm of D below this ...
-    grad_vanishing_patience: int = Field(5, ge=1)  # ... for this many consecutive logging steps
-    fid_blowup_factor: float = Field(4.0, gt=1)  # metric above factor x its best so far, after warm-up ...
-    fid_blowup_cap: float | None = Field(None, gt=0)  # ... or above this absolute cap (None: no cap)
-    fid_blowup_warmup_evals: int = Field(2, ge=0)  # evaluations ignored before the blow-up rule applies
+    grad_vanishing_patience: int = Field(5, ge=1)  # ... at this many consecutive logging steps
+    # Metric blow-up, after the warm-up evaluations, at fid_blowup_patience consecutive evaluations: the
+    # metric above factor x its best so far, above the cap, or never good: (a Frechet distance) at or above
+    # that of the best constant generator, tr(sigma_real), and worse than at the first evaluation. Non-finite:
+    # at once.
+    fid_blowup_factor: float = Field(4.0, gt=1)
+    fid_blowup_cap: float | None = Field(None, gt=0)  # None: no cap
+    fid_blowup_warmup_evals: int = Field(1, ge=0)  # evaluations not judged (a young G is no better yet)
+    fid_blowup_patience: int = Field(1, ge=1)
     d_saturation_margin: float = Field(0.0, ge=0)  # min D(real) - max D(fake) above this: separated ...
-    d_saturation_patience: int = Field(20, ge=1)  # ... for this many consecutive logging steps
-    mode_collapse: float | None = Field(None, gt=0)  # mean pairwise sample distance below this (None: off)
+    d_saturation_patience: int = Field(5, ge=1)  # ... at this many consecutive logging steps
+    # Mode collapse, after the warm-up, at mode_collapse_patience consecutive evaluations: the grid's
+    # diversity over real images' (trainables.diagnostics.DiversityProbe; 1 = as varied as the data) below
+    # mode_collapse, or on digit data its effective share of the 10 classes below mode_collapse_classes
+    # (None: that rule off). Calibrated on 64-image grids (tests/test_events.py): real digits, MNIST-framed
+    # digits and photo patches give diversity ratios 0.90-1.06 and class shares 0.80-1.0; one repeated sample
+    # 0, with pixel noise of 4 / 16 / 32 (of 255) 0.05-0.09 / 0.20-0.34 / 0.38-0.67, a flat field 0, two
+    # alternating glyphs 0.64 (class share 0.2), real images of one digit 0.69 (class share 0.15-0.16).
+    mode_collapse: float | None = Field(0.5, gt=0, lt=1)
+    mode_collapse_classes: float | None = Field(0.5, gt=0, lt=1)
+    mode_collapse_warmup_evals: int = Field(1, ge=0)  # not judged: an untrained G's output is near-constant
+    mode_collapse_patience: int = Field(1, ge=1)
     policy: dict[str, Literal["stop", "record"]] = Field(
         default_factory=lambda: {
             "nonfinite_loss": "stop", "nonfinite_grad": "stop", "grad_explosion": "stop",
-            "grad_vanishing": "stop", "fid_blowup": "stop", "d_saturation": "record",
+            "grad_spike": "record", "grad_vanishing": "stop", "fid_blowup": "stop", "d_saturation": "record",
             "mode_collapse": "record",
         }
     )
@@ -77,7 +118,24 @@ class DivergenceConfig(StrictModel):
         unknown = sorted(set(policy) - set(DIVERGENCE_CAUSES))
         if unknown:
             raise ValueError(f"unknown divergence cause(s) {unknown}; valid: {', '.join(DIVERGENCE_CAUSES)}")
+        stopping = [cause for cause in TRANSIENT_CAUSES if policy.get(cause) == "stop"]
+        if stopping:
+            raise ValueError(f"{', '.join(stopping)}: a transient the run recovered from only records; "
+                             "valid policy: record")
         return policy
+
+    @model_validator(mode="after")
+    def _recovery_within_patience(self) -> DivergenceConfig:
+        if self.grad_explosion_recovery > self.grad_explosion_patience:
+            raise ValueError(
+                f"grad_explosion_recovery: {self.grad_explosion_recovery} iterations exceeds "
+                f"grad_explosion_patience ({self.grad_explosion_patience}): an episode would always be an "
+                "explosion before it could recover; valid: 1 .. grad_explosion_patience")
+        return self
+
+    def action(self, cause: str) -> str:
+        """'stop' or 'record' for this cause (unlisted causes stop, transients record)."""
+        return "record" if cause in TRANSIENT_CAUSES else self.policy.get(cause, "stop")
 
 
 class TrialConfig(StrictModel):
@@ -223,6 +281,59 @@ class TrialConfig(StrictModel):
                 f"{self.dataset!r}); leave it 'all'"
             )
         return self
+
+    @model_validator(mode="after")
+    def _windows_fit_the_run(self) -> TrialConfig:
+        """A detector window chosen longer than the run could never fire: refuse it, naming the field.
+
+        Only windows set away from their default are refused; a default one that a (short) run cannot hold
+        leaves that detector idle, as `idle_detectors` says."""
+        defaults = DivergenceConfig()
+        problems = [message for fields, message in self._window_overflows()
+                    if any(getattr(self.divergence, f) != getattr(defaults, f) for f in fields)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def idle_detectors(self) -> list[str]:
+        """One message per divergence window this run is too short to hold (that detector never fires)."""
+        return [message for _, message in self._window_overflows()]
+
+    @property
+    def evaluations(self) -> int:
+        """Evaluations of a run that is not stopped: every eval_every iterations and at the last one."""
+        return math.ceil(self.iterations / self.eval_every)
+
+    def _window_overflows(self) -> list[tuple[tuple[str, ...], str]]:
+        """(the divergence fields that set the window, message) for each window longer than this run."""
+        d, run, out = self.divergence, f"the run's iterations ({self.iterations})", []
+        for field in ("grad_vanishing_patience", "d_saturation_patience"):
+            steps = getattr(d, field)
+            if steps * self.log_every > self.iterations:
+                out.append(((field,), (
+                    f"divergence.{field}: {steps} logging steps x log_every {self.log_every} = "
+                    f"{steps * self.log_every} iterations exceeds {run}; valid at this log_every: "
+                    + (f"1 .. {self.iterations // self.log_every}" if self.iterations >= self.log_every
+                       else "none (lower log_every)"))))
+        if d.grad_explosion_startup + d.grad_explosion_patience > self.iterations:
+            out.append((("grad_explosion_startup", "grad_explosion_patience"), (
+                "divergence.grad_explosion_startup + divergence.grad_explosion_patience: "
+                f"{d.grad_explosion_startup} + {d.grad_explosion_patience} iterations exceeds {run}, so no "
+                "explosion could be confirmed; valid: startup + patience <= iterations")))
+        evaluations = f"the run's {self.evaluations} evaluations (iterations / eval_every, rounded up)"
+        if d.fid_blowup_warmup_evals + d.fid_blowup_patience > self.evaluations:
+            out.append((("fid_blowup_warmup_evals", "fid_blowup_patience"), (
+                "divergence.fid_blowup_warmup_evals + divergence.fid_blowup_patience: "
+                f"{d.fid_blowup_warmup_evals} + {d.fid_blowup_patience} evaluations exceeds {evaluations}; "
+                f"valid: warmup + patience <= {self.evaluations}")))
+        collapse_on = d.mode_collapse is not None or d.mode_collapse_classes is not None
+        if collapse_on and d.mode_collapse_warmup_evals + d.mode_collapse_patience > self.evaluations:
+            out.append((("mode_collapse_warmup_evals", "mode_collapse_patience"), (
+                "divergence.mode_collapse_warmup_evals + divergence.mode_collapse_patience: "
+                f"{d.mode_collapse_warmup_evals} + {d.mode_collapse_patience} evaluations exceeds "
+                f"{evaluations}; valid: warmup + patience <= {self.evaluations}")))
+        return out
 
     @property
     def metric_names(self) -> tuple[str, ...]:

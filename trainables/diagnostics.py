@@ -1,5 +1,6 @@
 """What the official BSN code logs, as flat `name -> float` dicts: σ per layer, gradient norms per layer,
-‖∇ₓD(x)‖ on real and fake images, and the sample diversity and grids of an evaluation.
+‖∇ₓD(x)‖ on real and fake images; and at each evaluation the sample grid, its diversity relative to real
+images' and, on digit data, the classes it covers (`DiversityProbe`).
 
 Everything here synchronises with the host, so it runs at logging and evaluation steps only.
 """
@@ -7,13 +8,19 @@ Everything here synchronises with the host, so it runs at logging and evaluation
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.utils import save_image
 
+from trainables.metrics.fd_digits import DigitsFeatureExtractor, ink_box
 from trainables.normalization import spectral_report
+
+DIGIT_DATASETS = ("digits", "mnist")  # datasets whose samples the digits classifier can label
+DIGIT_CLASSES = 10
+REAL_GRIDS = 16  # random real grids whose mean diversity is the reference of the diversity ratio
 
 # Suffixes that torch.nn.utils.parametrize and plain layers add to a layer's parameter names.
 PARAMETER_SUFFIXES = (".parametrizations.weight.original", ".parametrizations.bias.original",
@@ -71,11 +78,60 @@ def spectral_metrics(discriminator: nn.Module, *, conv_operator: bool = False) -
 
 
 def sample_diversity(images: torch.Tensor) -> float:
-    """Mean pairwise L2 distance per pixel between images (B, C, H, W) in [-1, 1]: 0 when all are equal."""
-    flat = images.flatten(1).float()
-    distances = torch.cdist(flat, flat) / flat.shape[1] ** 0.5
+    """Mean pairwise L2 distance per pixel between images (B, C, H, W) in [-1, 1]: 0 when all are equal.
+
+    Computed in the images' float dtype (at least float32) from differences, not from the expansion
+    |a|² + |b|² - 2ab, whose cancellation would make near-equal grids differ by ~1e-6."""
+    flat = images.flatten(1)
+    flat = flat if flat.is_floating_point() and flat.dtype != torch.float16 else flat.float()
+    distances = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist") / flat.shape[1] ** 0.5
     b = flat.shape[0]
     return float(distances.sum() / (b * (b - 1)))
+
+
+class DiversityProbe:
+    """How varied an evaluation's sample grid is, relative to real images, and which digit classes it shows.
+
+    real_images: uint8 (N, 3, R, R), the evaluation's real set; grid_size: images per evaluation grid. The
+    reference diversity is the mean sample_diversity of REAL_GRIDS seeded random grids of grid_size real
+    images (all N when fewer), so `diversity_ratio` is 1 for a grid as varied as the data, 0 for one
+    repeated image. classify: uint8 images (B, 3, R, R) -> class labels (B,), or None (no class coverage).
+    Setup cost: REAL_GRIDS grids' pairwise distances; each call: one grid's, plus one classification.
+    """
+
+    def __init__(self, real_images: torch.Tensor, *, grid_size: int,
+                 classify: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        n = real_images.shape[0]
+        size = min(grid_size, n)
+        grids = [real_images[torch.randperm(n, generator=generator)[:size].to(real_images.device)]
+                 for _ in range(REAL_GRIDS)]
+        self.real_diversity = sum(sample_diversity(grid.float() / 127.5 - 1) for grid in grids) / REAL_GRIDS
+        self.classify = classify
+
+    @classmethod
+    def for_dataset(cls, dataset: str, real_images: torch.Tensor, *, grid_size: int, cache_dir: str | Path,
+                    device: torch.device | str = "cpu") -> DiversityProbe:
+        """The probe of a trial: with the digits classifier's labels on digit datasets (DIGIT_DATASETS), which
+        sees each image as fd_digits does (cropped to the real data's ink_box)."""
+        classify = None
+        if dataset in DIGIT_DATASETS:
+            extractor = DigitsFeatureExtractor(cache_dir, torch.device(device), box=ink_box(real_images))
+            classify = extractor.classify
+        return cls(real_images, grid_size=grid_size, classify=classify)
+
+    def __call__(self, grid: torch.Tensor) -> dict[str, float]:
+        """{'diversity', 'diversity_ratio', and with a classifier 'class_coverage'} of a grid (B, 3, R, R)
+        in [-1, 1]. class_coverage: the effective number of digit classes among its predicted labels (the
+        exponential of their entropy, so a few misread samples of one class barely count) over 10."""
+        diversity = sample_diversity(grid)
+        out = {"diversity": diversity, "diversity_ratio": diversity / self.real_diversity}
+        if self.classify is not None:
+            images = ((grid.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            shares = torch.bincount(self.classify(images), minlength=DIGIT_CLASSES).double() / images.shape[0]
+            entropy = -(shares * shares.clamp_min(1e-300).log()).sum()
+            out["class_coverage"] = float(entropy.exp()) / DIGIT_CLASSES
+        return out
 
 
 def save_sample_grid(images: torch.Tensor, path: Path) -> Path:

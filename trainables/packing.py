@@ -48,7 +48,7 @@ from trainables.config import (
     parse_config,
 )
 from trainables.diagnostics import gradient_norms
-from trainables.events import StepMonitor
+from trainables.events import StepMonitor, stacked_parameter_norms
 from trainables.losses import discriminator_loss, generator_loss
 from trainables.normalization import SpectralNormalization, frozen_parametrizations
 from trainables.trial import (
@@ -58,10 +58,9 @@ from trainables.trial import (
     Report,
     TrainingRate,
     Trial,
-    build_evaluator,
+    build_evaluation,
     is_logging_step,
     logged_values,
-    resolve_device,
     train_iteration,
     training_images,
 )
@@ -254,35 +253,6 @@ class StackedNetwork:
         self.adam.exp_avg_sq[row] = torch.cat([state["exp_avg_sq"].flatten() for state in states])
 
 
-class PackedStepMonitor:
-    """trainables.events.StepMonitor for K members at once: (K, 3) tensors on the device, no host sync.
-
-    `member(row)` gives that member's StepMonitor (the same state), which DivergenceWatch reads and which goes
-    into the member's checkpoint.
-    """
-
-    def __init__(self, monitors: list[StepMonitor], device: torch.device):
-        self.updates = monitors[0].updates  # every member of a pack has had the same updates
-        self.explosion_threshold = torch.tensor([m.explosion_threshold for m in monitors], device=device)
-        self.first_iteration = torch.stack([m.first_iteration for m in monitors])
-        self.first_order = torch.stack([m.first_order for m in monitors])
-        self.first_value = torch.stack([m.first_value for m in monitors])
-        self.order_within_update = monitors[0].order_within_update
-
-    # StepMonitor's rule on (K,) losses and gradient norms: its tensors broadcast over the member dim.
-    update = StepMonitor.update
-
-    def member(self, row: int) -> StepMonitor:
-        monitor = StepMonitor(float(self.explosion_threshold[row]), self.first_iteration.device)
-        monitor.load_state_dict({"updates": self.updates, "first_iteration": self.first_iteration[row],
-                                 "first_order": self.first_order[row], "first_value": self.first_value[row]})
-        return monitor
-
-    def keep(self, rows: Tensor) -> None:
-        for name in ("explosion_threshold", "first_iteration", "first_order", "first_value"):
-            setattr(self, name, getattr(self, name)[rows])
-
-
 class PackedStep:
     """The packed training step (trainables.trial.Step): K members' D and G steps, each as train.py's.
 
@@ -317,7 +287,8 @@ class PackedStep:
         grad_norm = d.row_norms(grad)
         layers = self._layer_norms(d, grad, "discriminator", "grad_norm/D") if layer_norms else None
         d.adam.step(d.flat, grad)
-        return DStep(loss.detach(), grad_norm, logits.detach(), fake, layers)
+        return DStep(loss.detach(), grad_norm, stacked_parameter_norms(grad, d.sizes), logits.detach(), fake,
+                     layers)
 
     def g_step(self, z: Tensor, *, layer_norms: bool = False) -> GStep:
         g, d = self.generator, self.discriminator
@@ -328,7 +299,7 @@ class PackedStep:
         grad_norm = g.row_norms(grad)
         layers = self._layer_norms(g, grad, "generator", "grad_norm/G") if layer_norms else None
         g.adam.step(g.flat, grad)
-        return GStep(loss.detach(), grad_norm, layers)
+        return GStep(loss.detach(), grad_norm, stacked_parameter_norms(grad, g.sizes), layers)
 
     def _layer_norms(self, network: StackedNetwork, grad: Tensor, module: str, prefix: str) -> list[dict]:
         """Each member's per-layer gradient norms, by train.py's own function on the member's module."""
@@ -384,12 +355,11 @@ def train_pack(configs: list[TrialConfig | dict], reports: list[Report], *, work
         raise ValueError(f"reports: need one report callable per config ({len(cfgs)}), got {len(reports)}")
     cfg0 = cfgs[0]
     workdir = Path(workdir)
-    device = resolve_device(cfg0.device)
     source = training_images(cfg0)
-    trials = [Trial.build(cfg, report, source, device, workdir=workdir / member_name(k),
+    evaluation = build_evaluation(cfg0, source)  # every member shares the data and the metrics
+    trials = [Trial.build(cfg, report, source, evaluation, workdir=workdir / member_name(k),
                           checkpoint_dir=workdir / PACK_CHECKPOINT / member_name(k))
               for k, (cfg, report) in enumerate(zip(cfgs, reports, strict=True))]
-    evaluator = build_evaluator(cfg0, source, device)  # every member shares the data and the metric settings
     if resume_from is not None:
         resume_members(trials, Path(resume_from))
     active = [trial for trial in trials if trial.summary is None]
@@ -399,7 +369,7 @@ def train_pack(configs: list[TrialConfig | dict], reports: list[Report], *, work
     for trial in active:  # only now: bad input above leaves nothing behind
         trial.workdir.mkdir(parents=True, exist_ok=True)
     step = PackedStep(active)
-    monitor = PackedStepMonitor([trial.monitor for trial in active], device)
+    monitor = StepMonitor.stack([trial.monitor for trial in active])
     rate = TrainingRate(active[0].iteration)
     for iteration in range(active[0].iteration + 1, cfg0.iterations + 1):
         logging_step = is_logging_step(cfg0, iteration)
@@ -416,8 +386,7 @@ def train_pack(configs: list[TrialConfig | dict], reports: list[Report], *, work
         for row, trial in enumerate(active):
             trial.monitor = monitor.member(row)
             if trial.log(iteration, {key: value[row] for key, value in values.items()}, real=real[row],
-                         fake=d.fake[row], layer_norms=d.layers[row] | g.layers[row], it_per_s=it_per_s,
-                         evaluator=evaluator):
+                         fake=d.fake[row], layer_norms=d.layers[row] | g.layers[row], it_per_s=it_per_s):
                 ended.append(trial)
         if pack_report is not None:
             last = iteration == cfg0.iterations

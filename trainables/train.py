@@ -1,11 +1,11 @@
 """One GAN training run: `train(config, report, workdir=...)`.
 
-Reads top to bottom: config and device, data, the trial (networks, normalization, optimisers, streams), the
-evaluator, the step (this file's `SingleStep`), then the loop. One iteration is `n_dis` discriminator steps
-and one generator step (`trial.train_iteration`). The loop itself never reads a tensor on the host; logging
-steps do (`Trial.log`). Everything but the step is shared with the packed trial (trainables/trial.py). The
-trial knows nothing of Ray or MLflow: `report(metrics, checkpoint_dir)` is its only channel out (the README
-lists its keys).
+Reads top to bottom: config, data, the evaluation, the trial (networks, normalization, optimisers, streams,
+divergence watch), the step (this file's `SingleStep`), then the loop. One iteration is `n_dis`
+discriminator steps and one generator step (`trial.train_iteration`). The loop itself never reads a tensor
+on the host; logging steps do (`Trial.log`). Everything but the step is shared with the packed trial
+(trainables/trial.py). The trial knows nothing of Ray or MLflow: `report(metrics, checkpoint_dir)` is its
+only channel out (the README lists its keys).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from trainables.config import TrialConfig, parse_config
 from trainables.diagnostics import gradient_norms
+from trainables.events import parameter_norms
 from trainables.losses import discriminator_loss, generator_loss, gradient_penalty
 from trainables.normalization import PowerIterationStarts, frozen_parametrizations
 from trainables.trial import (
@@ -26,10 +27,9 @@ from trainables.trial import (
     Report,
     TrainingRate,
     Trial,
-    build_evaluator,
+    build_evaluation,
     is_logging_step,
     logged_values,
-    resolve_device,
     train_iteration,
     training_images,
 )
@@ -86,10 +86,11 @@ class SingleStep:
                                            generator=self.noise)
         self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.d_params if p.grad is not None])
+        param_norms = parameter_norms([p.grad for p in self.d_params])
+        grad_norm = torch.linalg.vector_norm(param_norms)  # as get_total_norm: the norm of the norms
         layers = gradient_norms(self.discriminator, "grad_norm/D") if layer_norms else None
         self.opt_d.step()
-        return DStep(loss.detach(), grad_norm, logits.detach(), fake, layers)
+        return DStep(loss.detach(), grad_norm, param_norms, logits.detach(), fake, layers)
 
     def g_step(self, z: Tensor, *, layer_norms: bool = False) -> GStep:
         # D's weights need no gradients, only the path through D to G; and, as in the official code, D's
@@ -102,10 +103,11 @@ class SingleStep:
         loss.backward()
         for p in self.d_params:
             p.requires_grad_(True)
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.g_params if p.grad is not None])
+        param_norms = parameter_norms([p.grad for p in self.g_params])
+        grad_norm = torch.linalg.vector_norm(param_norms)
         layers = gradient_norms(self.generator, "grad_norm/G") if layer_norms else None
         self.opt_g.step()
-        return GStep(loss.detach(), grad_norm, layers)
+        return GStep(loss.detach(), grad_norm, param_norms, layers)
 
 
 def train(config: TrialConfig | dict, report: Report, *, workdir: str | Path,
@@ -116,12 +118,11 @@ def train(config: TrialConfig | dict, report: Report, *, workdir: str | Path,
     resume_from: a checkpoint folder written by an earlier call with the same config.
     """
     cfg = parse_config(config)
-    device = resolve_device(cfg.device)
     source = training_images(cfg)
+    evaluation = build_evaluation(cfg, source)  # the weights, classifier and real statistics: fail early too
     workdir = Path(workdir)
-    trial = Trial.build(cfg, report, source, device, workdir=workdir, checkpoint_dir=workdir / "checkpoint",
-                        fused_adam=cfg.compile and device.type == "cuda")
-    evaluator = build_evaluator(cfg, source, device)
+    trial = Trial.build(cfg, report, source, evaluation, workdir=workdir,
+                        checkpoint_dir=workdir / "checkpoint")
     if resume_from is not None and trial.resume(Path(resume_from)):
         return trial.summary  # it had already ended: its result is reported again, nothing is trained
     step = SingleStep(trial, compile=cfg.compile)
@@ -137,7 +138,7 @@ def train(config: TrialConfig | dict, report: Report, *, workdir: str | Path,
 
         values = {key: value.item() for key, value in logged_values(d, g).items()}
         if trial.log(iteration, values, real=real, fake=d.fake, layer_norms=d.layers | g.layers,
-                     it_per_s=rate(iteration), evaluator=evaluator):
+                     it_per_s=rate(iteration)):
             return trial.summary
         rate.restart(iteration)  # evaluation, checkpoint and report time are left out of the next window
     raise AssertionError("unreachable: the last iteration returns")  # pragma: no cover

@@ -26,10 +26,17 @@ from torch import Tensor, nn
 
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import BatchSampler, ImageSource, load_images, real_images
-from trainables.diagnostics import input_gradient_norms, sample_diversity, save_sample_grid, spectral_metrics
+from trainables.diagnostics import (
+    DiversityProbe,
+    input_gradient_norms,
+    layer_of,
+    save_sample_grid,
+    spectral_metrics,
+)
 from trainables.events import DivergenceWatch, StepMonitor
 from trainables.files import atomic_path, write_text_atomically
 from trainables.metrics import Evaluator
+from trainables.metrics.reference import data_location
 from trainables.networks import build_discriminator, build_generator
 from trainables.normalization import normalize
 
@@ -75,12 +82,14 @@ def finite_only(metrics: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class DStep:
-    """One D step's results. A single trial: loss and grad_norm 0-dim, logits (2B,) on real then fake, fake
+    """One D step's results. A single trial: loss and grad_norm 0-dim, param_norms (P,) the gradient norm of
+    each trainable parameter (for the divergence monitor's layer), logits (2B,) on real then fake, fake
     (B, 3, R, R). A pack: each with a leading member dim K. `layers`: the per-layer gradient norms
     (`grad_norm/D/<layer>`, host floats) when asked for, one dict per member of a pack."""
 
     loss: Tensor
     grad_norm: Tensor
+    param_norms: Tensor
     logits: Tensor
     fake: Tensor
     layers: Any = None
@@ -92,6 +101,7 @@ class GStep:
 
     loss: Tensor
     grad_norm: Tensor
+    param_norms: Tensor
     layers: Any = None
 
 
@@ -117,9 +127,9 @@ def train_iteration(step: Step, monitor: StepMonitor, cfg: TrialConfig, iteratio
         real_batch = real()
         d = step.d_step(real_batch, latents(cfg.d_batch_size),
                         layer_norms=layer_norms and d_index == cfg.n_dis - 1)
-        monitor.update(iteration, d.loss, d.grad_norm)
+        monitor.update(iteration, "D", d.loss, d.grad_norm, d.param_norms)
     g = step.g_step(latents(cfg.g_batch_size), layer_norms=layer_norms)
-    monitor.update(iteration, g.loss, g.grad_norm)
+    monitor.update(iteration, "G", g.loss, g.grad_norm, g.param_norms)
     return real_batch, d, g
 
 
@@ -158,15 +168,29 @@ def training_images(cfg: TrialConfig) -> ImageSource:
                        split=cfg.celeba_split)
 
 
-def build_evaluator(cfg: TrialConfig, source: ImageSource, device: torch.device) -> Evaluator:
-    """The trial's metrics against one reference set, the same for every seed (and every member of a pack)."""
+@dataclass
+class Evaluation:
+    """What a trial's evaluations are judged with, built once from one real set (the same for every seed and
+    every member of a pack): the metrics, and the sample grid's diversity and class coverage."""
+
+    metrics: Evaluator
+    diversity: DiversityProbe
+
+
+def build_evaluation(cfg: TrialConfig, source: ImageSource) -> Evaluation:
+    device = resolve_device(cfg.device)
     n_real = min(cfg.eval_real, len(source))
-    return Evaluator(
-        cfg.metric_names, real_images=real_images(source, n_real, seed=0),
-        reference_key={"dataset": cfg.dataset, "split": source.split, "resolution": cfg.resolution},
+    real = real_images(source, n_real, seed=0)
+    cache_dir = Path(cfg.cache_dir).expanduser()
+    metrics = Evaluator(
+        cfg.metric_names, real_images=real,
+        reference_key={"dataset": cfg.dataset, "split": source.split, "resolution": cfg.resolution,
+                       "location": data_location(cfg.dataset, cfg.data_root)},
         n_generated=cfg.eval_generated, n_generated_is=cfg.eval_generated_is, n_real=n_real,
-        cache_dir=Path(cfg.cache_dir).expanduser(), inception_weights=cfg.inception_weights, device=device,
+        cache_dir=cache_dir, inception_weights=cfg.inception_weights, device=device,
     )
+    return Evaluation(metrics, DiversityProbe.for_dataset(cfg.dataset, real, grid_size=GRID_SAMPLES,
+                                                          cache_dir=cache_dir, device=device))
 
 
 # ---- one trial -------------------------------------------------------------------------------------------
@@ -181,6 +205,7 @@ class Trial:
 
     config: TrialConfig
     report: Report
+    evaluation: Evaluation
     workdir: Path
     checkpoint_dir: Path
     device: torch.device
@@ -200,9 +225,10 @@ class Trial:
     before_checkpoint: Callable[[], None] | None = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, cfg: TrialConfig, report: Report, source: ImageSource, device: torch.device, *,
-              workdir: Path, checkpoint_dir: Path, fused_adam: bool = False) -> Trial:
+    def build(cls, cfg: TrialConfig, report: Report, source: ImageSource, evaluation: Evaluation, *,
+              workdir: Path, checkpoint_dir: Path) -> Trial:
         """Seeded networks, normalization, optimisers and streams: the same for a trial and a pack member."""
+        device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         generator = build_generator(cfg.architecture, cfg.resolution, z_dim=cfg.z_dim, width=cfg.width)
         discriminator = build_discriminator(cfg.architecture, cfg.resolution, width=cfg.width)
@@ -210,16 +236,22 @@ class Trial:
         normalize(discriminator, cfg.variant, scale=cfg.scale, n_power_iterations=cfg.n_power_iterations,
                   grad_through_power_iteration=cfg.sn_grad_through_power_iteration,
                   example_input=torch.zeros(1, 3, cfg.resolution, cfg.resolution, device=device))
-        betas, fused = (cfg.beta1, cfg.beta2), True if fused_adam else None  # fused: one kernel per Adam step
+        betas = (cfg.beta1, cfg.beta2)
+        fused = True if cfg.compile and device.type == "cuda" else None  # the fast trial: one kernel per step
         noise = torch.Generator(device=device)
         noise.manual_seed(cfg.seed + 1)
+        trainable = {name: [layer_of(key) for key, p in network.named_parameters() if p.requires_grad]
+                     for name, network in (("D", discriminator), ("G", generator))}  # the monitor's layers
+        constant_level = evaluation.metrics.constant_level(cfg.primary_metric)
         return cls(
-            config=cfg, report=report, workdir=workdir, checkpoint_dir=checkpoint_dir, device=device,
+            config=cfg, report=report, evaluation=evaluation, workdir=workdir, checkpoint_dir=checkpoint_dir,
+            device=device,
             generator=generator, discriminator=discriminator,
             opt_g=torch.optim.Adam(generator.parameters(), lr=cfg.g_lr, betas=betas, fused=fused),
             opt_d=torch.optim.Adam(discriminator.parameters(), lr=cfg.d_lr, betas=betas, fused=fused),
             sampler=BatchSampler(source, cfg.d_batch_size, seed=cfg.seed, device=device), noise=noise,
-            monitor=StepMonitor(cfg.divergence.grad_explosion, device), watch=DivergenceWatch(cfg.divergence),
+            monitor=StepMonitor(cfg.divergence, device, layers=trainable),
+            watch=DivergenceWatch(cfg.divergence, constant_level=constant_level),
             grid_latents=torch.randn(GRID_SAMPLES, cfg.z_dim,
                                      generator=torch.Generator().manual_seed(cfg.seed)).to(device),
         )
@@ -286,8 +318,9 @@ class Trial:
 
     # -- evaluation and the logging step --
 
-    def evaluate(self, iteration: int, evaluator: Evaluator) -> dict[str, float]:
-        """The metrics, the sample grid, the conv operator's σ and the evaluation's divergence checks."""
+    def evaluate(self, iteration: int) -> dict[str, float]:
+        """The metrics, the sample grid and its diversity, the conv operator's σ and the evaluation's
+        divergence checks."""
         cfg, generator = self.config, self.generator
         generator.eval()
         eval_noise = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + iteration)
@@ -299,16 +332,16 @@ class Trial:
 
         with torch.no_grad():
             grid = generator(self.grid_latents)
-        metrics = evaluator(generate)
+        metrics = self.evaluation.metrics(generate)
         generator.train()
         save_sample_grid(grid, self.workdir / "samples" / f"iter_{iteration:07d}.png")
-        metrics.update(spectral_metrics(self.discriminator, conv_operator=True))
-        self.watch.check_evaluation(iteration, cfg.primary_metric, metrics[cfg.primary_metric],
-                                    sample_diversity(grid))
+        diversity = self.evaluation.diversity(grid)
+        metrics |= diversity | spectral_metrics(self.discriminator, conv_operator=True)
+        self.watch.check_evaluation(iteration, cfg.primary_metric, metrics[cfg.primary_metric], diversity)
         return metrics
 
     def log(self, iteration: int, values: dict[str, float], *, real: Tensor, fake: Tensor,
-            layer_norms: dict[str, float], it_per_s: float, evaluator: Evaluator) -> bool:
+            layer_norms: dict[str, float], it_per_s: float) -> bool:
         """A logging step: diagnostics, divergence checks, an evaluation when due, the report and checkpoint.
 
         values: `logged_values` on the host; real, fake: this step's batches (B, 3, R, R); layer_norms: the
@@ -327,7 +360,7 @@ class Trial:
         self.watch.check_logging_step(iteration, grad_norm_d=values["grad_norm_d"],
                                       d_real_min=values["d_real_min"], d_fake_max=values["d_fake_max"])
         if self.watch.stop_event is None and (last or iteration % cfg.eval_every == 0):
-            metrics |= self.evaluate(iteration, evaluator)
+            metrics |= self.evaluate(iteration)
             self.objective = metrics[cfg.primary_metric]
             if not math.isfinite(self.objective):  # a recorded-only blow-up: the objective stays finite
                 self.objective = cfg.divergence.diverged_objective

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from trainables.config import METRICS
-from trainables.metrics.fd_digits import DigitsFeatureExtractor
+from trainables.metrics.fd_digits import DigitsFeatureExtractor, ink_box
 from trainables.metrics.frechet import FrechetReference, gaussian_statistics
 from trainables.metrics.inception import (
     EXTRACTOR,
@@ -38,6 +38,7 @@ from trainables.metrics.inception import (
 from trainables.metrics.reference import (
     ReferenceStatistics,
     check_reference_key,
+    content_fingerprint,
     load_or_compute_reference,
     reference_path,
 )
@@ -105,6 +106,7 @@ class Evaluator:
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device: {self.device} is not supported; valid: cpu, cuda, cuda:<index>")
         real = _subset(real_images.cpu(), n_real)
+        fingerprint = content_fingerprint(real)  # the cache key names these very images
 
         self._inception = None
         self._inception_reference: ReferenceStatistics | None = None
@@ -115,7 +117,8 @@ class Evaluator:
             )
             if "fid" in self.names or "kid" in self.names:
                 path = reference_path(
-                    cache_dir, reference_key, n_real=n_real, extractor=f"{EXTRACTOR}-{FEATURE_LAYER['fid']}"
+                    cache_dir, reference_key, n_real=n_real, extractor=f"{EXTRACTOR}-{FEATURE_LAYER['fid']}",
+                    fingerprint=fingerprint,
                 )
                 self._inception_reference = load_or_compute_reference(
                     path,
@@ -129,10 +132,17 @@ class Evaluator:
         self._digits = None
         self._digits_reference: FrechetReference | None = None
         if "fd_digits" in self.names:
-            self._digits = DigitsFeatureExtractor(cache_dir, self.device)
-            path = reference_path(cache_dir, reference_key, n_real=n_real, extractor=self._digits.name)
+            self._digits = DigitsFeatureExtractor(cache_dir, self.device, box=ink_box(real))
+            path = reference_path(cache_dir, reference_key, n_real=n_real, extractor=self._digits.name,
+                                  fingerprint=fingerprint)
             reference = load_or_compute_reference(path, lambda: _gaussian_reference(self._digits(real)))
             self._digits_reference = FrechetReference(reference.mu, reference.sigma)
+
+    def constant_level(self, name: str) -> float | None:
+        """The Fréchet distance `name` of the best constant generator, tr(sigma_real): any generator without
+        variety scores at least this; None for the metrics that are not a Fréchet distance (is, kid)."""
+        reference = {"fid": self._fid_reference, "fd_digits": self._digits_reference}.get(name)
+        return None if reference is None else float(reference.trace)
 
     def __call__(self, generate: Callable[[int], torch.Tensor]) -> dict[str, float]:
         """Metrics of images from `generate(b) -> (b, 3, R, R) uint8`, keyed by the names: IS of the first

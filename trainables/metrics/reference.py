@@ -1,26 +1,31 @@
 """Reference statistics of the real images, cached on disk.
 
-One `.npz` file per (dataset, split, resolution, sample count, extractor): a readable name plus a short hash
-of all key fields, e.g. `cifar10-train-32px-n5000-inception-v3-compat-2048-3f9a1c0b2e.npz`. Files hold plain
-arrays (mu, sigma, features), are written atomically (temp file + rename, so concurrent trials never read half
-a file) and read back with `allow_pickle=False`.
+One `.npz` file per (dataset, split, resolution, sample count, extractor, the data's identity): a readable
+name plus a short hash of all key fields, e.g. `cifar10-train-32px-n5000-inception-v3-compat-2048-3f9a1c0b2e
+.npz`. The data's identity is its location (`data_location`, a key field the trial adds) and the content
+fingerprint of the very images that enter the statistics (`content_fingerprint`, always part of the hash):
+another folder, or the same folder with other images, never reuses stale statistics. Files hold plain arrays
+(mu, sigma, features), are written atomically (trainables.files, so concurrent trials never read half a file)
+and read back with `allow_pickle=False`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from trainables.files import atomic_path
 
 REQUIRED_KEY_FIELDS = ("dataset", "split", "resolution")
-CACHE_FORMAT = 1  # bump when the file layout changes, so old files are not misread
+CACHE_FORMAT = 2  # bump when the file layout or the key changes, so old files are not misread
+BUILTIN_LOCATIONS = {"digits": "sklearn.datasets.load_digits"}  # datasets in a library, not in a folder
 
 
 @dataclass(frozen=True)
@@ -42,13 +47,28 @@ def check_reference_key(reference_key: dict[str, object]) -> None:
         )
 
 
+def data_location(dataset: str, data_root: str | Path) -> str:
+    """Where a dataset's images come from, for the reference key's `location`: the resolved data_root, or the
+    library of a built-in dataset (whose data_root is ignored)."""
+    return BUILTIN_LOCATIONS.get(dataset) or str(Path(data_root).expanduser().resolve())
+
+
+def content_fingerprint(images: torch.Tensor) -> str:
+    """A SHA-256 (hex, 16 digits) of images' shape, dtype and bytes, e.g. the uint8 (N, 3, R, R) real set."""
+    digest = hashlib.sha256(f"{tuple(images.shape)} {images.dtype}".encode())
+    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def reference_path(
-    cache_dir: str | Path, reference_key: dict[str, object], *, n_real: int, extractor: str
+    cache_dir: str | Path, reference_key: dict[str, object], *, n_real: int, extractor: str, fingerprint: str
 ) -> Path:
     """Cache file of the reference statistics for these fields (reference_key must name dataset, split,
-    resolution; any further fields, e.g. a subset, also enter the hash)."""
+    resolution and should name the `location`; any further fields, e.g. a subset, also enter the hash).
+    fingerprint: `content_fingerprint` of the real images the statistics are computed from."""
     check_reference_key(reference_key)
-    fields = {**reference_key, "n_real": int(n_real), "extractor": extractor, "format": CACHE_FORMAT}
+    fields = {**reference_key, "n_real": int(n_real), "extractor": extractor, "fingerprint": fingerprint,
+              "format": CACHE_FORMAT}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:10]
     dataset, split, resolution = (reference_key[field] for field in REQUIRED_KEY_FIELDS)
     readable = f"{dataset}-{split}-{resolution}px-n{n_real}-{extractor}"
@@ -56,16 +76,9 @@ def reference_path(
 
 
 def save_reference(path: Path, stats: ReferenceStatistics) -> None:
-    """Write atomically: a temp file in the same directory, then an atomic rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            np.savez(tmp, mu=stats.mu, sigma=stats.sigma, features=stats.features)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    """Write atomically: readers see the previous file or this one whole, never a part."""
+    with atomic_path(path) as partial, partial.open("wb") as file:
+        np.savez(file, mu=stats.mu, sigma=stats.sigma, features=stats.features)
 
 
 def load_reference(path: Path, *, with_features: bool = True) -> ReferenceStatistics:
