@@ -1,5 +1,5 @@
 """Per-cell aggregates, bootstrap intervals, isolation and the paper table (analysis.aggregate), checked
-against the hand-computed values of the reference study (analysis.synthetic.reference_trials)."""
+against the hand-computed values of the reference study (synthetic_study.reference_trials)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import uuid
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from synthetic_study import reference_trials, write_study
 
 from analysis.aggregate import AxisError, bootstrap_median_ci, cell_summary, check_axes, isolate, paper_table
 from analysis.collect import collect
-from analysis.synthetic import reference_trials, write_study
 
 
 @pytest.fixture(scope="module")
