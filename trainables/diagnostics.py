@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torchvision.utils import save_image
 
+from trainables.files import atomic_path
 from trainables.normalization import spectral_report
 
 # Suffixes that torch.nn.utils.parametrize and plain layers add to a layer's parameter names.
@@ -80,9 +81,7 @@ def sample_diversity(images: torch.Tensor) -> float:
 
 def save_sample_grid(images: torch.Tensor, path: Path) -> Path:
     """Write images (B, C, H, W) in [-1, 1] as one PNG grid, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_image(images.float().clamp(-1, 1), partial, nrow=8, normalize=True, value_range=(-1, 1),
-               format="png")
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        save_image(images.float().clamp(-1, 1), partial, nrow=8, normalize=True, value_range=(-1, 1),
+                   format="png")
     return path

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -26,6 +24,8 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from sklearn.datasets import load_digits
 from torch import nn
+
+from trainables.files import atomic_path
 
 INPUT_SIZE = 8  # load_digits images are 8×8
 DIGITS_MAX = 16.0  # load_digits intensities run 0..16
@@ -133,22 +133,15 @@ def load_or_train_classifier(
         model.load_state_dict(saved["state_dict"])
         return model.eval(), float(saved["heldout_accuracy"])
     model, accuracy = train_classifier(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            torch.save(
-                {
-                    "state_dict": model.state_dict(),
-                    "heldout_accuracy": accuracy,
-                    "settings": json.dumps(asdict(settings)),
-                },
-                tmp,
-            )
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as partial:
+        torch.save(
+            {
+                "state_dict": model.state_dict(),
+                "heldout_accuracy": accuracy,
+                "settings": json.dumps(asdict(settings)),
+            },
+            partial,
+        )
     return model, accuracy
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from trainables.files import atomic_path
 
 REQUIRED_KEY_FIELDS = ("dataset", "split", "resolution")
 CACHE_FORMAT = 1  # bump when the file layout changes, so old files are not misread
@@ -57,15 +57,8 @@ def reference_path(
 
 def save_reference(path: Path, stats: ReferenceStatistics) -> None:
     """Write atomically: a temp file in the same directory, then an atomic rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            np.savez(tmp, mu=stats.mu, sigma=stats.sigma, features=stats.features)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as partial, open(partial, "wb") as file:  # a file object: savez adds no `.npz`
+        np.savez(file, mu=stats.mu, sigma=stats.sigma, features=stats.features)
 
 
 def load_reference(path: Path, *, with_features: bool = True) -> ReferenceStatistics:
