@@ -11,7 +11,7 @@ from pathlib import Path
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path` to write to; renamed over `path` when the block ends, removed if it raises.
+    """A temporary path beside `path` to write: renamed over `path` when the block ends, removed if it raises.
 
     The name is unique (two writers of one file never share it) and the rename is atomic on one filesystem, so
     `path` is always either the previous file or the new one whole.
