@@ -60,10 +60,10 @@ def check_resolution(architecture: str, resolution: int) -> None:
         )
 
 
-def check_batch_size(batch_size: int) -> None:
-    """At least two images per batch: D's loss compares a batch, sample diversity needs pairs."""
+def check_batch_size(batch_size: int, field: str = "batch_size") -> None:
+    """At least two images per batch (`field` names it): D's loss compares a batch, sample diversity pairs."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
-        raise ValueError(f"batch_size: must be an int >= 2, got {batch_size!r}")
+        raise ValueError(f"{field}: must be an int >= 2, got {batch_size!r}")
 
 
 class StrictModel(BaseModel):
