@@ -1,10 +1,10 @@
-# Two commands for a newcomer: `make run` (the main job) and `make test` (the tests).
+# Two commands for a newcomer: `make run` (the main job) and `make test` (the tests); `make lint` for ruff.
 # Each builds .venv with everything it needs the first time, then reuses it.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test trial bench clean
+.PHONY: install run lint test trial bench clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 
 run: install
 	$(PY) study/run.py --study default
+
+# ruff with pyproject.toml's rules, over the whole repository.
+lint: install
+	$(PY) -m ruff check .
 
 # Debian's chromium opens the HTML report for the screenshot test (apt needs root; else that test skips).
 test: install

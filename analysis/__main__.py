@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 
 from analysis.aggregate import AxisError
-from analysis.collect import StudyError, collect
+from analysis.collect import StudyLookupError, collect
 from analysis.report import log_report, write_report
 
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             path = write_report(tables, out, progress=say)
             if not args.no_log:
                 log_report(tables, uri, out, progress=say)
-    except (StudyError, AxisError) as exc:
+    except (StudyLookupError, AxisError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(path)

@@ -38,7 +38,7 @@ from analysis.schema import (
     TRIAL_COLUMNS,
     arrow_schema,
 )
-from analysis.synthetic import flatten_config
+from study import layout
 from trainables.config import TrialConfig
 
 RUNS_PER_REQUEST = 100  # the server's limit for get-history-bulk-interval
@@ -55,12 +55,11 @@ SETTINGS = {
     "E": (1e-3, 0.5, 0.999, 5),
     "F": (1e-3, 0.9, 0.999, 5),
 }
-TRIAL_STATUSES = ("finished", "diverged", "failed", "running")
 Progress = Callable[[str], None]
 
 
-class StudyError(ValueError):
-    """The study cannot be analysed: unknown study or run id, not a study's parent run, no trials."""
+class StudyLookupError(LookupError):
+    """No study to analyse: an unknown study name or run id, a run that is no study's parent, no trials."""
 
 
 @dataclass
@@ -76,7 +75,7 @@ class StudyTables:
     @property
     def axes(self) -> list[str]:
         """The swept axes (the parent run's `axes` tag), seed included."""
-        return [a for a in self.meta.get("axes", "").split(",") if a]
+        return [a for a in self.meta.get(layout.AXES_TAG, "").split(",") if a]
 
     @property
     def config_columns(self) -> list[str]:
@@ -128,16 +127,16 @@ def collect(
     """Collect a study by name or by its parent run id into tidy tables.
 
     `max_points` caps the diagnostics per trial and key (MLflow samples evenly, first and last kept).
-    Raises StudyError for an unknown study or run id, a run that is not a study's parent, or no trials.
+    Raises StudyLookupError for an unknown study or run id, a run that is not a study's parent, or no trials.
     """
     say = progress or (lambda message: None)
     client = MlflowClient(tracking_uri)
     parent = find_parent_run(client, tracking_uri, study=study, run_id=run_id)
-    name = parent.data.tags.get("study", parent.info.run_name)
+    name = parent.data.tags.get(layout.STUDY_TAG, parent.info.run_name)
     say(f"study {name!r}: parent run {parent.info.run_id}")
     runs = trial_runs(client, parent)
     if not runs:
-        raise StudyError(f"study {name!r} (parent run {parent.info.run_id}) has no trial runs yet")
+        raise StudyLookupError(f"study {name!r} (parent run {parent.info.run_id}) has no trial runs yet")
     say(f"{len(runs)} trials found")
     reader = MetricReader(client, tracking_uri)
     trials = _trials_frame(runs)
@@ -157,7 +156,7 @@ def collect(
     say(f"{len(events)} divergence events read")
     trials = _with_eval_summaries(trials, evals)
 
-    axes = parent.data.tags.get("axes", "")
+    axes = parent.data.tags.get(layout.AXES_TAG, "")
     if not axes:  # a parent without the tag: the config columns that vary are the swept axes
         axes = ",".join(c for c in trials.columns if c not in TRIAL_COLUMNS and trials[c].nunique() > 1)
     trials = _with_bundle_axes(trials, [a for a in axes.split(",") if a])
@@ -179,32 +178,29 @@ def find_parent_run(
 ) -> Run:
     """The study's parent run (tag role=study), by run id or by study name (the latest run of that name)."""
     if (study is None) == (run_id is None):
-        raise StudyError("give exactly one of study (a study name) or run_id (its parent run id)")
+        raise ValueError("give exactly one of study (a study name) or run_id (its parent run id)")
     if run_id is not None:
         try:
             run = client.get_run(run_id)
         except MlflowException:
-            raise StudyError(f"run id {run_id!r} not found at {tracking_uri}") from None
-        role = run.data.tags.get("role")
-        if role != "study":
-            raise StudyError(
-                f"run {run_id} is not a study's parent run: its tag role is {role!r}, expected 'study'"
+            raise StudyLookupError(f"run id {run_id!r} not found at {tracking_uri}") from None
+        role = run.data.tags.get(layout.ROLE_TAG)
+        if role != layout.STUDY_ROLE:
+            raise StudyLookupError(
+                f"run {run_id} is not a study's parent run: its tag {layout.ROLE_TAG} is {role!r}, "
+                f"expected {layout.STUDY_ROLE!r}"
             )
         return run
-    quote = '"' if "'" in study else "'"
-    query = f"tags.role = 'study' AND tags.study = {quote}{study}{quote}"
+    query = layout.tag_filter({layout.ROLE_TAG: layout.STUDY_ROLE, layout.STUDY_TAG: study})
     experiment = client.get_experiment_by_name(study)
     found = _search(client, [experiment.experiment_id], query) if experiment else []
     if not found:  # `tracking.experiment` may have put the study in an experiment of another name
         found = _search(client, _all_experiment_ids(client), query)
     if not found:
-        known = sorted(
-            {
-                r.data.tags.get("study", "")
-                for r in _search(client, _all_experiment_ids(client), "tags.role = 'study'")
-            }
-        )
-        raise StudyError(
+        studies = layout.tag_filter({layout.ROLE_TAG: layout.STUDY_ROLE})
+        parents = _search(client, _all_experiment_ids(client), studies)
+        known = sorted({r.data.tags.get(layout.STUDY_TAG, "") for r in parents})
+        raise StudyLookupError(
             f"no study named {study!r} at {tracking_uri}; studies there: "
             f"{', '.join(known) if known else 'none'}"
         )
@@ -213,8 +209,10 @@ def find_parent_run(
 
 def trial_runs(client: MlflowClient, parent: Run) -> list[Run]:
     """The parent's child runs with role=trial (or no role tag), every page."""
-    runs = _search(client, [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    return [r for r in runs if r.data.tags.get("role", "trial") == "trial"]
+    runs = _search(
+        client, [parent.info.experiment_id], layout.tag_filter({layout.PARENT_RUN_ID_TAG: parent.info.run_id})
+    )
+    return [r for r in runs if r.data.tags.get(layout.ROLE_TAG, layout.TRIAL_ROLE) == layout.TRIAL_ROLE]
 
 
 def _search(client: MlflowClient, experiment_ids: list[str], query: str) -> list[Run]:
@@ -399,23 +397,23 @@ def primary_metric(params: dict[str, str]) -> str:
 
 
 def _trial_status(run: Run) -> str:
-    tag = run.data.tags.get("status", "")
+    tag = run.data.tags.get(layout.STATUS_TAG, "")
     state = run.info.status
     if state in ("FAILED", "KILLED"):  # a crashed worker leaves its last tag behind
-        return "failed"
-    if tag in TRIAL_STATUSES:
+        return layout.FAILED
+    if tag in layout.TRIAL_STATUSES:
         return tag
     if state == "FINISHED":
-        return "diverged" if run.data.tags.get("diverged") == "1" else "finished"
-    return "running"
+        return layout.DIVERGED if run.data.tags.get(layout.DIVERGED_TAG) == "1" else layout.FINISHED
+    return layout.RUNNING
 
 
 def _study_status(parent: Run) -> str:
-    tag = parent.data.tags.get("status", "")
+    tag = parent.data.tags.get(layout.STATUS_TAG, "")
     if tag:
         return tag
-    return {"RUNNING": "running", "SCHEDULED": "running", "FINISHED": "finished"}.get(
-        parent.info.status, "failed"
+    return {"RUNNING": layout.RUNNING, "SCHEDULED": layout.RUNNING, "FINISHED": layout.FINISHED}.get(
+        parent.info.status, layout.FAILED
     )
 
 
@@ -426,7 +424,7 @@ def _config_types() -> dict[str, type]:
 def _flat_defaults() -> dict[str, Any]:
     defaults = TrialConfig().model_dump()
     flat: dict[str, Any] = {}
-    for key in flatten_config(defaults):
+    for key in layout.flatten(defaults):
         value: Any = defaults
         for part in key.split("."):
             value = value[part]
@@ -454,7 +452,7 @@ def _with_bundle_axes(trials: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     missing = [axis for axis in axes if axis != "seed" and axis not in trials.columns]
     if not missing:
         return trials
-    cells = [dict(part.split("=", 1) for part in cell.split(",") if "=" in part) for cell in trials["cell"]]
+    cells = [layout.parse_cell(cell) for cell in trials["cell"]]
     labels = {axis: _typed_column(pd.Series([c.get(axis, "") for c in cells], index=trials.index), None)
               for axis in missing}
     return trials.assign(**labels)
@@ -474,15 +472,15 @@ def _trials_frame(runs: list[Run]) -> pd.DataFrame:
         rows.append(
             {
                 "run_id": run.info.run_id,
-                "trial_id": tags.get("trial_id", ""),
-                "cell": tags.get("cell", ""),
+                "trial_id": tags.get(layout.TRIAL_ID_TAG, ""),
+                "cell": tags.get(layout.CELL_TAG, ""),
                 "status": status,
-                "complete": status in ("finished", "diverged"),
+                "complete": status in layout.ENDED_STATUSES,
                 "mlflow_status": run.info.status,
-                "diverged": tags.get("diverged", "0") == "1" or metrics.get("diverged", 0) == 1,
-                "divergence_cause": tags.get("divergence_cause", ""),
+                "diverged": tags.get(layout.DIVERGED_TAG, "0") == "1" or metrics.get("diverged", 0) == 1,
+                "divergence_cause": tags.get(layout.DIVERGENCE_CAUSE_TAG, ""),
                 "divergence_step": int(
-                    float(tags.get("divergence_step", metrics.get("divergence_step", -1)))
+                    float(tags.get(layout.DIVERGENCE_STEP_TAG, metrics.get("divergence_step", -1)))
                 ),
                 "events": int(metrics.get("events", -1)),
                 "last_iteration": int(metrics.get("iteration", -1)),
@@ -593,15 +591,15 @@ def _diagnostics_frame(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _events_frame(client: MlflowClient, reader: MetricReader, trials: pd.DataFrame) -> pd.DataFrame:
-    """Rows of each trial's events.json; read only for trials that recorded events or diverged."""
+    """Rows of each trial's events artifact; read only for trials that recorded events or diverged."""
     wanted = trials.loc[(trials["events"] > 0) | trials["diverged"], "run_id"].tolist()
 
     def read(run_id: str) -> list[dict[str, Any]]:
-        events = reader.artifact_json(run_id, "events.json")
+        events = reader.artifact_json(run_id, layout.EVENTS_ARTIFACT)
         if events is None:
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    path = client.download_artifacts(run_id, "events.json", tmp)
+                    path = client.download_artifacts(run_id, layout.EVENTS_ARTIFACT, tmp)
                 except (MlflowException, OSError):  # a trial that stopped before writing it
                     return []
                 events = json.loads(Path(path).read_text())

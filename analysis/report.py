@@ -28,8 +28,8 @@ from analysis.figures import (
     report_pairs,
     save,
 )
+from study.layout import REPORT_ARTIFACT_PATH
 
-ARTIFACT_PATH = "analysis"  # where the report's files go in the parent run's artifacts
 MAX_TRIAL_ROWS = 500  # trials listed in the HTML; every trial is in tables/trials.parquet
 
 CELLS_NOTE = (
@@ -87,9 +87,10 @@ def log_report(
     tables: StudyTables, tracking_uri: str, out_dir: Path, *, progress: Progress | None = None
 ) -> None:
     """Log every file under out_dir to the study's parent run, under `analysis/`."""
-    MlflowClient(tracking_uri).log_artifacts(tables.meta["parent_run_id"], str(out_dir), ARTIFACT_PATH)
+    parent_run_id = tables.meta["parent_run_id"]
+    MlflowClient(tracking_uri).log_artifacts(parent_run_id, str(out_dir), REPORT_ARTIFACT_PATH)
     if progress:
-        progress(f"logged {out_dir} to parent run {tables.meta['parent_run_id']} under {ARTIFACT_PATH}/")
+        progress(f"logged {out_dir} to parent run {parent_run_id} under {REPORT_ARTIFACT_PATH}/")
 
 
 def write_report(tables: StudyTables, out_dir: Path, *, progress: Progress | None = None) -> Path:

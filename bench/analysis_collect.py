@@ -24,7 +24,9 @@ from mlflow.tracking import MlflowClient
 
 from analysis.collect import collect
 from analysis.report import write_report
-from analysis.synthetic import SyntheticTrial, write_study
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the synthetic study is test code
+from synthetic_study import SyntheticTrial, write_study
 
 AXES = ["g_lr", "beta1", "variant", "seed"]
 G_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3)

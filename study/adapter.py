@@ -8,6 +8,7 @@ A pack (`pack_size` > 1) is one Tune trial running `train_pack()`: each member r
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,14 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.search.repeater import TRIAL_INDEX
 
-from study.spec import StudySpec, cell_key, trial_config
-from study.tracking import TrialRun, flatten
+from study import layout
+from study.spec import StudySpec, trial_config
+from study.tracking import TrialRun
 from trainables.config import TrialConfig
 from trainables.packing import member_name, train_pack
 from trainables.train import train
 
-ARTIFACT_PATTERNS = ("samples/iter_*.png", "events.json")
+ARTIFACT_PATTERNS = (layout.SAMPLES_PATTERN, layout.EVENTS_ARTIFACT)  # in the trial's folder
 PATH_FIELDS = ("data_root", "cache_dir", "inception_weights")  # resolved against the driver's folder
 
 
@@ -103,7 +105,7 @@ def run_pack(spec: StudySpec, members: list[tuple[dict[str, Any], int]], context
     workdir = Path(tune_context.get_trial_dir()) / "work"
     resume_from = restored_checkpoint(workdir)
     runs = [open_trial_run(spec, context, trial, point, seed, f"{trial_id}_{k}",
-                           pack_tags={"pack": trial_id, "pack_member": str(k)})
+                           pack_tags={layout.PACK_TAG: trial_id, layout.PACK_MEMBER_TAG: str(k)})
             for k, (trial, (point, seed)) in enumerate(zip(trials, members, strict=True))]
     recorded = {k: run.final_result() for k, run in enumerate(runs) if run.ended}  # members ended before
     objectives = {k: result["objective"] for k, result in recorded.items() if "objective" in result}
@@ -149,14 +151,17 @@ def restored_checkpoint(workdir: Path) -> Path | None:
 
 def open_trial_run(spec: StudySpec, context: StudyContext, trial: TrialConfig, point: dict[str, Any],
                    seed: int, trial_id: str, pack_tags: dict[str, str] | None = None) -> TrialRun:
-    cell = cell_key(point)
-    # Where Ray placed the trial: the node and the GPUs it was given (fractional trials share one).
-    placement = {"node_id": ray.get_runtime_context().get_node_id(),
-                 "gpu_ids": ",".join(str(gpu) for gpu in ray.get_gpu_ids())}
-    tags = {"study": spec.name, "cell": cell, "seed": str(seed), **placement, **(pack_tags or {})}
+    cell = layout.cell_key(point)
+    # Where Ray placed the trial: the node, the GPUs (fractional trials share one) and its share of them.
+    runtime = ray.get_runtime_context()
+    placement = {layout.NODE_ID_TAG: runtime.get_node_id(),
+                 layout.GPU_IDS_TAG: ",".join(str(gpu) for gpu in ray.get_gpu_ids()),
+                 layout.RESOURCES_TAG: json.dumps(runtime.get_assigned_resources(), sort_keys=True)}
+    tags = {layout.STUDY_TAG: spec.name, layout.CELL_TAG: cell, layout.SEED_TAG: str(seed), **placement,
+            **(pack_tags or {})}
     return TrialRun.open(MlflowClient(context.tracking_uri), context.experiment_id, context.parent_run_id,
-                         trial_id, run_name=f"{cell},seed={seed}" if cell else f"seed={seed}",
-                         tags=tags, params=flatten(trial.model_dump(mode="json")))
+                         trial_id, run_name=layout.trial_run_name(cell, seed), tags=tags,
+                         params=layout.flatten(trial.model_dump(mode="json")))
 
 
 def log_to_run(run: TrialRun, workdir: Path, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:

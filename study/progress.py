@@ -11,7 +11,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from study.spec import cell_key
+from study import layout
 from study.tracking import find_trial_run
 
 
@@ -25,18 +25,19 @@ class TrialStatusCallback(tune.Callback):
         self.total = total
         self.ended = 0
 
-    def _close_run(self, trial: Any, status: str, mlflow_status: str) -> bool:
+    def _close_run(self, trial: Any, status: str) -> bool:
         """Close the trial's runs (a pack's: each member's) if the trial could not; True when it did."""
         client = MlflowClient(self.tracking_uri)
         closed = False
         for point, seed in self._members(trial):
-            run_id = find_trial_run(client, self.experiment_id, self.parent_run_id, cell_key(point), seed)
-            if run_id is None or client.get_run(run_id).data.tags.get("status") != "running":
+            cell = layout.cell_key(point)
+            run_id = find_trial_run(client, self.experiment_id, self.parent_run_id, cell, seed)
+            if run_id is None or client.get_run(run_id).data.tags.get(layout.STATUS_TAG) != layout.RUNNING:
                 continue  # not started, or the trial closed it itself
-            client.set_tag(run_id, "status", status)
-            if status == "finished":
-                client.set_tag(run_id, "stopped_early", "1")
-            client.set_terminated(run_id, mlflow_status)
+            client.set_tag(run_id, layout.STATUS_TAG, status)
+            if status == layout.FINISHED:
+                client.set_tag(run_id, layout.STOPPED_EARLY_TAG, "1")
+            client.set_terminated(run_id, layout.MLFLOW_END_STATUS[status])
             closed = True
         return closed
 
@@ -70,7 +71,7 @@ class TrialStatusCallback(tune.Callback):
               flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if self._close_run(trial, "finished", "FINISHED"):
+        if self._close_run(trial, layout.FINISHED):
             self._print(trial, "stopped early by the scheduler")
         else:
             result, members = trial.last_result or {}, len(self._members(trial))
@@ -81,5 +82,5 @@ class TrialStatusCallback(tune.Callback):
                 self._print(trial, "diverged" if result.get("diverged") else "finished")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close_run(trial, "failed", "FAILED")
+        self._close_run(trial, layout.FAILED)
         self._print(trial, "FAILED")

@@ -1,5 +1,5 @@
-"""Run a study: `python study/run.py [--study NAME|PATH] [--set key=value ...] [--resume] [--tracking-uri URI]
-[--storage PATH] [--dry-run]`.
+"""Run a study: `python -m study [--study NAME|PATH] [--set key=value ...] [--resume] [--tracking-uri URI]
+[--storage PATH] [--dry-run]`, or the same as `python study/run.py ...` (the file `ray submit` runs).
 
 Validates the whole spec, the tracking URI and the storage first (exit code 2 and a message naming the
 problem; nothing is started or written). Then joins the Ray cluster it runs on (`ray submit`, $RAY_ADDRESS) or
@@ -13,41 +13,34 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the packages from the repository, not from study/
+# Run as a file, Python puts study/ first on the path: put this checkout there instead, so that `study` is
+# the package (and no module of study/ shadows a library's of the same name).
+if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import os
+import time
+from typing import Any
 
-from study.spec import (  # noqa: E402
-    StudyError,
-    StudySpec,
-    cell_key,
-    expand_grid,
-    grid_packs,
-    load_spec,
-    trial_config,
-)
-from study.tracking import (  # noqa: E402
+from study import layout
+from study.spec import StudyError, StudySpec, expand_grid, grid_packs, load_spec, trial_config
+from study.tracking import (
     check_storage,
     check_tracking_uri,
-    flatten,
     latest_parent_run,
     resolve_storage,
     resolve_tracking_uri,
 )
-from study.tuning import trial_count, trial_resources  # noqa: E402
+from study.tuning import trial_count, trial_resources
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 SHOWN_FIELDS = ("g_lr", "d_lr", "beta1", "beta2", "n_dis", "variant", "scale", "iterations")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python study/run.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", default="default", metavar="NAME|PATH",
                         help="a preset name (study/presets/) or a study YAML file (default: default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -82,7 +75,7 @@ def print_plan(spec: StudySpec, preset: str, tracking_uri: str, storage: str) ->
         for index, (point, seed) in enumerate(expand_grid(spec)):
             config = trial_config(spec, point, seed)
             fields = " ".join(f"{name}={getattr(config, name)}" for name in SHOWN_FIELDS)
-            print(f"  {index:4d}  {cell_key(point) or '(base)'}  seed={seed}  {fields}")
+            print(f"  {index:4d}  {layout.cell_key(point) or '(base)'}  seed={seed}  {fields}")
     else:
         budget = f"{spec.budget.samples} points x {len(spec.seeds)} seeds = {count} trials" if count else ""
         if spec.budget.time_s:
@@ -106,10 +99,10 @@ def check_resume(spec: StudySpec, tracking_uri: str) -> None:
     parent = latest_parent_run(client, experiment.experiment_id, spec.name) if experiment else None
     if parent is None:
         raise StudyError(f"--resume: no earlier run of study {spec.name!r} in {tracking_uri}")
-    path = parent.data.tags.get("ray_experiment", "")
+    path = parent.data.tags.get(layout.RAY_EXPERIMENT_TAG, "")
     if not tune.Tuner.can_restore(path):
         raise StudyError(f"--resume: the Ray experiment {path!r} of study {spec.name!r} cannot be restored")
-    changed = sorted(key for key, value in flatten(spec.model_dump(mode="json")).items()
+    changed = sorted(key for key, value in layout.flatten(spec.model_dump(mode="json")).items()
                      if parent.data.params.get(key) != value)
     if changed:
         raise StudyError(f"--resume: the spec differs from the interrupted study's in {', '.join(changed)}")
@@ -131,20 +124,11 @@ def init_ray() -> None:
         ray.init(include_dashboard=False)
 
 
-def build_analysis_report(study: str, tracking_uri: str, out_dir: Path) -> Path | None:
-    """analysis.report.build_report when the analysis package provides it."""
-    try:
-        report = importlib.import_module("analysis.report")
-    except ImportError:
-        return None
-    build = getattr(report, "build_report", None)
-    return build(study, tracking_uri, out_dir) if callable(build) else None
-
-
 def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str, resume: bool) -> int:
     """Run (or resume) the study under its MLflow parent run; 0 when every trial ended (diverged or not)."""
     from mlflow.tracking import MlflowClient
 
+    from analysis.report import build_report
     from study.adapter import StudyContext, run_trial
     from study.progress import TrialStatusCallback
     from study.tracking import create_parent_run, finish_parent_run, study_experiment
@@ -154,9 +138,9 @@ def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str, res
     experiment_id = study_experiment(client, spec)
     if resume:
         parent = latest_parent_run(client, experiment_id, spec.name)
-        parent_run_id, ray_path = parent.info.run_id, parent.data.tags["ray_experiment"]
+        parent_run_id, ray_path = parent.info.run_id, parent.data.tags[layout.RAY_EXPERIMENT_TAG]
         client.update_run(parent_run_id, status="RUNNING")
-        client.set_tag(parent_run_id, "status", "running")
+        client.set_tag(parent_run_id, layout.STATUS_TAG, layout.RUNNING)
     else:
         ray_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         ray_path = f"{storage.rstrip('/')}/{ray_name}"
@@ -168,7 +152,7 @@ def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str, res
     context = StudyContext(spec=spec.model_dump(mode="json"), tracking_uri=tracking_uri,
                            experiment_id=experiment_id, parent_run_id=parent_run_id, cwd=str(Path.cwd()))
     trainable_fn = trainable(run_trial, spec, context=context)
-    status = "failed"
+    status = layout.FAILED
     try:
         if resume:
             tuner = restore_tuner(ray_path, trainable_fn)
@@ -181,7 +165,7 @@ def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str, res
         driver_cpu_s = time.process_time() - cpu_started
         ended, failed = tally(results)
         unfinished = (trial_count(spec) or len(results)) - ended - failed
-        status = "finished" if unfinished == 0 and not failed else "failed"
+        status = layout.FINISHED if unfinished == 0 and not failed else layout.FAILED
     finally:
         finish_parent_run(client, parent_run_id, status)
 
@@ -191,11 +175,9 @@ def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str, res
         print(overhead(frame, driver_cpu_s), flush=True)
     if unfinished > 0:
         print(f"interrupted: {unfinished} trials unfinished; continue with --resume", flush=True)
-    report = build_analysis_report(spec.name, tracking_uri, Path("reports") / spec.name)
-    if report is not None:
-        print(f"report: {report}", flush=True)
+    print(f"report: {build_report(spec.name, tracking_uri, Path('reports') / spec.name)}", flush=True)
     print(f"browse: mlflow ui --backend-store-uri {tracking_uri}", flush=True)
-    return 0 if status == "finished" else 1
+    return 0 if status == layout.FINISHED else 1
 
 
 def tally(results: Any) -> tuple[int, int]:

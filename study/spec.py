@@ -27,8 +27,6 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     Tag,
@@ -37,17 +35,19 @@ from pydantic import (
     model_validator,
 )
 
+from study.layout import cell_key
 from trainables.config import (
     PACK_MEMBER_FIELDS,
     PACKED_LOSSES,
     ConfigError,
+    StrictModel,
     TrialConfig,
     describe_validation_error,
     merge,
     parse_config,
+    parse_overrides,
     set_dotted,
 )
-from trainables.config import parse_overrides as parse_dotted_overrides
 
 PRESETS_PACKAGE = "study.presets"
 OBJECTIVES = ("objective", "diverged")  # what a search minimises: the primary metric, the divergence flag
@@ -55,10 +55,6 @@ OBJECTIVES = ("objective", "diverged")  # what a search minimises: the primary m
 
 class StudyError(ValueError):
     """Bad study spec or command line; the message names each offending field and its valid values."""
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class LogUniform(StrictModel):
@@ -242,11 +238,6 @@ def point_overrides(spec: StudySpec, point: dict[str, Any]) -> dict[str, Any]:
 def trial_config(spec: StudySpec, point: dict[str, Any], seed: int) -> TrialConfig:
     """The validated TrialConfig of one trial: base, then the point's axes, then the seed."""
     return parse_config(merge(merge(spec.base, point_overrides(spec, point)), {"seed": seed}))
-
-
-def cell_key(point: dict[str, Any]) -> str:
-    """A stable key of a trial's axes except the seed: `g_lr=0.0002,variant=sn` (names sorted)."""
-    return ",".join(f"{name}={point[name]}" for name in sorted(point) if name != "seed")
 
 
 def expand_grid(spec: StudySpec) -> list[tuple[dict[str, Any], int]]:
@@ -444,18 +435,16 @@ def read_spec_file(name_or_path: str) -> tuple[dict[str, Any], str]:
     return raw, preset
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """['base.n_dis=5', 'seeds=1'] -> {'base': {'n_dis': 5}, 'seeds': 1}; values are parsed as YAML."""
+def load_spec(name_or_path: str, overrides: list[str] = ()) -> tuple[StudySpec, str]:
+    """Read, override (`--set base.n_dis=5`, values parsed as YAML), validate.
+
+    Returns (spec, preset name or "" for a file); raises StudyError.
+    """
+    raw, preset = read_spec_file(name_or_path)
     try:
-        return parse_dotted_overrides(pairs, example="base.iterations=200")
+        raw = merge(raw, parse_overrides(list(overrides), example="base.iterations=200"))
     except ConfigError as exc:
         raise StudyError(str(exc)) from None
-
-
-def load_spec(name_or_path: str, overrides: list[str] = ()) -> tuple[StudySpec, str]:
-    """Read, override, validate. Returns (spec, preset name or "" for a file); raises StudyError."""
-    raw, preset = read_spec_file(name_or_path)
-    raw = merge(raw, parse_overrides(list(overrides)))
     try:
         spec = StudySpec.model_validate(raw)
     except ValidationError as exc:

@@ -1,15 +1,10 @@
 """MLflow for a study: where it goes, the parent run of the study, the child run of each trial.
 
-Layout (what analysis/ reads): one experiment per study; a parent run named after the study with tags
-`role=study`, `study`, `preset`, `git_commit`, `version.<package>`, `axes`, `status` and the flattened spec as
-params; one child run per trial (`mlflow.parentRunId`, `role=trial`, `trial_id`, `cell`, `status`, `diverged`,
-`divergence_cause`, `divergence_step`; params: the trial's TrialConfig flattened; metrics: every report with
-step = iteration; artifacts: `samples/iter_*.png`, `events.json`).
+The names of its tags, params, statuses and artifacts (what analysis/ reads) are study/layout.py's.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -27,14 +22,13 @@ import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from study import layout
 from study.spec import StudyError, StudySpec
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_STORAGE = "runs"
 REACH_TIMEOUT_S = 15.0
 VERSIONED_PACKAGES = ("torch", "ray", "mlflow", "optuna", "gan-stability")
-TRIAL_STATUSES = ("running", "finished", "diverged", "failed")
-ENDED_STATUSES = ("finished", "diverged")  # set by the trial itself (or ASHA's stop): its result stands
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
 MAX_METRICS_PER_BATCH = 1000
 
@@ -106,25 +100,13 @@ def _check_writable_folder(folder: Path, what: str) -> None:
         raise StudyError(f"{what}: cannot write in {existing} ({exc.strerror})") from None
 
 
-def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """{'divergence': {'grad_explosion': 1e4}} -> {'divergence.grad_explosion': '10000.0'}; lists as JSON."""
-    flat: dict[str, str] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat |= flatten(value, f"{name}.")
-        else:
-            flat[name] = value if isinstance(value, str) else json.dumps(value, default=str)
-    return flat
-
-
 def package_versions() -> dict[str, str]:
     versions = {}
     for package in VERSIONED_PACKAGES:
         try:
-            versions[f"version.{package}"] = metadata.version(package)
+            versions[f"{layout.VERSION_TAG_PREFIX}{package}"] = metadata.version(package)
         except metadata.PackageNotFoundError:
-            versions[f"version.{package}"] = "not installed"
+            versions[f"{layout.VERSION_TAG_PREFIX}{package}"] = "not installed"
     return versions
 
 
@@ -155,29 +137,30 @@ def study_experiment(client: MlflowClient, spec: StudySpec) -> str:
 
 def latest_parent_run(client: MlflowClient, experiment_id: str, study: str):
     """The study's most recent parent run, or None."""
-    runs = client.search_runs([experiment_id], f"tags.role = 'study' and tags.study = '{study}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    parents = layout.tag_filter({layout.ROLE_TAG: layout.STUDY_ROLE, layout.STUDY_TAG: study})
+    runs = client.search_runs([experiment_id], parents, order_by=["attributes.start_time DESC"],
+                              max_results=1)
     return runs[0] if runs else None
 
 
 def create_parent_run(client: MlflowClient, experiment_id: str, spec: StudySpec, preset: str,
                       ray_experiment: str, repository: Path) -> str:
     """The study's parent run: tags, the flattened spec as params, and spec.yaml as an artifact."""
-    tags = {"role": "study", "study": spec.name, "preset": preset, "git_commit": git_commit(repository),
-            "axes": ",".join(spec.axis_names), "status": "running", "ray_experiment": ray_experiment,
+    tags = {layout.ROLE_TAG: layout.STUDY_ROLE, layout.STUDY_TAG: spec.name, layout.PRESET_TAG: preset,
+            layout.GIT_COMMIT_TAG: git_commit(repository), layout.AXES_TAG: ",".join(spec.axis_names),
+            layout.STATUS_TAG: layout.RUNNING, layout.RAY_EXPERIMENT_TAG: ray_experiment,
             **package_versions()}
     run = client.create_run(experiment_id, run_name=spec.name, tags=tags)
-    log_params(client, run.info.run_id, flatten(spec.model_dump(mode="json")))
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "spec.yaml"
-        path.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-        client.log_artifact(run.info.run_id, str(path))
+    values = spec.model_dump(mode="json")
+    log_params(client, run.info.run_id, layout.flatten(values))
+    client.log_text(run.info.run_id, yaml.safe_dump(values, sort_keys=False), layout.SPEC_ARTIFACT)
     return run.info.run_id
 
 
 def finish_parent_run(client: MlflowClient, run_id: str, status: str) -> None:
-    client.set_tag(run_id, "status", status)
-    client.set_terminated(run_id, "FINISHED" if status == "finished" else "FAILED")
+    """Close the study's parent run with `status` (layout.FINISHED or layout.FAILED)."""
+    client.set_tag(run_id, layout.STATUS_TAG, status)
+    client.set_terminated(run_id, layout.MLFLOW_END_STATUS[status])
 
 
 def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, cell: str,
@@ -187,10 +170,9 @@ def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str,
     A driver restored from a snapshot of Tune's state older than its last trials re-creates them under new
     Tune trial ids; they find their runs here and continue them (or, ended, hand back their result).
     """
-    quoted = cell.replace("'", "\\'")
-    runs = client.search_runs(
-        [experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.role = 'trial' and "
-        f"tags.cell = '{quoted}' and tags.seed = '{seed}'", max_results=1)
+    runs = client.search_runs([experiment_id], layout.tag_filter({
+        layout.PARENT_RUN_ID_TAG: parent_run_id, layout.ROLE_TAG: layout.TRIAL_ROLE, layout.CELL_TAG: cell,
+        layout.SEED_TAG: str(seed)}), max_results=1)
     return runs[0].info.run_id if runs else None
 
 
@@ -204,7 +186,7 @@ class TrialRun:
         # Steps already logged (a crashed attempt may have logged past its last checkpoint): never log twice.
         self.last_step = int(recorded.metrics.get("iteration", -1))
         # The trial's own final report, when it has already ended (see `final_result`).
-        self.ended = recorded.tags.get("status") in ENDED_STATUSES
+        self.ended = recorded.tags.get(layout.STATUS_TAG) in layout.ENDED_STATUSES
         self._recorded = recorded
         self.logged_artifacts: dict[str, float] = {}  # path relative to workdir -> mtime when logged
         self.log_seconds = 0.0  # time spent talking to MLflow (the service's overhead)
@@ -214,18 +196,20 @@ class TrialRun:
              run_name: str, tags: dict[str, str], params: dict[str, str]) -> TrialRun:
         """Continue the run of the trial (tags cell, seed) under the parent, else create it."""
         started = time.perf_counter()
-        run_id = find_trial_run(client, experiment_id, parent_run_id, tags["cell"], tags["seed"])
+        run_id = find_trial_run(client, experiment_id, parent_run_id, tags[layout.CELL_TAG],
+                                tags[layout.SEED_TAG])
         reopened = run_id is not None
         if run_id is None:
-            all_tags = {"mlflow.parentRunId": parent_run_id, "role": "trial", "trial_id": trial_id,
-                        "status": "running", "diverged": "0", "divergence_cause": "", "divergence_step": "-1",
-                        **tags}
+            all_tags = {layout.PARENT_RUN_ID_TAG: parent_run_id, layout.ROLE_TAG: layout.TRIAL_ROLE,
+                        layout.TRIAL_ID_TAG: trial_id, layout.STATUS_TAG: layout.RUNNING,
+                        layout.DIVERGED_TAG: "0", layout.DIVERGENCE_CAUSE_TAG: "",
+                        layout.DIVERGENCE_STEP_TAG: "-1", **tags}
             run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
             log_params(client, run_id, params)
         run = cls(client, run_id)
         if reopened and not run.ended:  # an ended run stays as it was: never reopened, never closed twice
             client.update_run(run_id, status="RUNNING")
-            client.set_tag(run_id, "status", "running")
+            client.set_tag(run_id, layout.STATUS_TAG, layout.RUNNING)
         run.log_seconds += time.perf_counter() - started
         return run
 
@@ -237,8 +221,8 @@ class TrialRun:
         """
         tags, metrics = self._recorded.tags, self._recorded.metrics
         return {**metrics, "iteration": int(metrics.get("iteration", 0)),
-                "divergence_cause": tags.get("divergence_cause", ""),
-                "divergence_step": int(tags.get("divergence_step", -1))}
+                "divergence_cause": tags.get(layout.DIVERGENCE_CAUSE_TAG, ""),
+                "divergence_step": int(tags.get(layout.DIVERGENCE_STEP_TAG, -1))}
 
     def log_report(self, metrics: dict[str, Any]) -> bool:
         """Log each numeric value of a report at step = iteration; False when that step was logged before."""
@@ -274,10 +258,11 @@ class TrialRun:
             return
         started = time.perf_counter()
         diverged = int(summary.get("diverged", 0))
-        tags = {"status": "diverged" if diverged else "finished", "diverged": str(diverged),
-                "divergence_cause": str(summary.get("divergence_cause", "")),
-                "divergence_step": str(int(summary.get("divergence_step", -1)))}
+        status = layout.DIVERGED if diverged else layout.FINISHED
+        tags = {layout.STATUS_TAG: status, layout.DIVERGED_TAG: str(diverged),
+                layout.DIVERGENCE_CAUSE_TAG: str(summary.get("divergence_cause", "")),
+                layout.DIVERGENCE_STEP_TAG: str(int(summary.get("divergence_step", -1)))}
         self.client.log_batch(self.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
-        self.client.set_terminated(self.run_id, "FINISHED")
+        self.client.set_terminated(self.run_id, layout.MLFLOW_END_STATUS[status])
         self.ended = True
         self.log_seconds += time.perf_counter() - started

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,36 @@ def wait_for_http(url: str, timeout: float = 60.0) -> None:
             if time.monotonic() > deadline:
                 raise
         time.sleep(0.3)
+
+
+@contextmanager
+def float64_trials():
+    """Trials built in this block train in float64 (BatchSampler's batches become float64; the digits
+    classifier stays float32), single and packed alike. Float32 rounding differs between CPUs and kernels,
+    and a GAN's Adam steps amplify it; in float64 equal computations agree to ~1e-14."""
+    import torch
+
+    from trainables.data import BatchSampler
+    from trainables.metrics.fd_digits import DigitsFeatureExtractor
+
+    float32_init = DigitsFeatureExtractor.__init__
+
+    def digits_extractor_in_float32(self, *args, **kwargs):
+        torch.set_default_dtype(torch.float32)
+        try:
+            float32_init(self, *args, **kwargs)
+        finally:
+            torch.set_default_dtype(torch.float64)
+
+    sampler_next = BatchSampler.next
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(BatchSampler, "next", lambda self: sampler_next(self).double())
+        patch.setattr(DigitsFeatureExtractor, "__init__", digits_extractor_in_float32)
+        torch.set_default_dtype(torch.float64)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(torch.float32)
 
 
 @pytest.fixture(scope="session")

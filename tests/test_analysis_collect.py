@@ -9,17 +9,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
+from synthetic_study import SyntheticTrial, reference_trials, write_study
 
-from analysis.collect import MetricReader, StudyError, StudyTables, collect
+from analysis.collect import MetricReader, StudyLookupError, StudyTables, collect
 from analysis.schema import TABLES
-from analysis.synthetic import SyntheticTrial, reference_trials, write_study
 
 AXES = ["g_lr", "beta1", "variant", "seed"]
 
 
 @pytest.fixture(scope="module")
 def study(mlflow_server):
-    """The reference study (analysis.synthetic.reference_trials), still running, collected once."""
+    """The reference study (synthetic_study.reference_trials), still running, collected once."""
     name = f"reference-{uuid.uuid4().hex[:8]}"
     parent_id = write_study(
         MlflowClient(mlflow_server), name, reference_trials(), axes=AXES, parent_status="running"
@@ -188,18 +188,18 @@ def test_study_found_by_parent_run_id_is_the_same_as_by_name(study, mlflow_serve
 def test_unknown_study_error_names_it_and_lists_the_known_studies(study, mlflow_server):
     name, _, _ = study
     with pytest.raises(
-        StudyError, match=rf"no study named 'nope' at {mlflow_server}; studies there: .*{name}"
+        StudyLookupError, match=rf"no study named 'nope' at {mlflow_server}; studies there: .*{name}"
     ):
         collect(mlflow_server, study="nope")
 
 
 def test_unknown_run_id_and_a_trial_run_id_are_clear_errors(study, mlflow_server):
     _, _, tables = study
-    with pytest.raises(StudyError, match="run id 'deadbeef' not found"):
+    with pytest.raises(StudyLookupError, match="run id 'deadbeef' not found"):
         collect(mlflow_server, run_id="deadbeef")
     trial_id = tables.trials["run_id"].iat[0]
     with pytest.raises(
-        StudyError, match=f"run {trial_id} is not a study's parent run: its tag role is 'trial'"
+        StudyLookupError, match=f"run {trial_id} is not a study's parent run: its tag role is 'trial'"
     ):
         collect(mlflow_server, run_id=trial_id)
 
@@ -207,7 +207,7 @@ def test_unknown_run_id_and_a_trial_run_id_are_clear_errors(study, mlflow_server
 def test_empty_study_is_a_clear_error(mlflow_server):
     name = f"empty-{uuid.uuid4().hex[:8]}"
     write_study(MlflowClient(mlflow_server), name, [], axes=["variant", "seed"])
-    with pytest.raises(StudyError, match=rf"study '{name}' \(parent run \w+\) has no trial runs yet"):
+    with pytest.raises(StudyLookupError, match=rf"study '{name}' \(parent run \w+\) has no trial runs yet"):
         collect(mlflow_server, study=name)
 
 

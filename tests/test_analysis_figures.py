@@ -10,6 +10,7 @@ import pytest
 from matplotlib.colors import to_rgba
 from matplotlib.patches import Rectangle
 from mlflow.tracking import MlflowClient
+from synthetic_study import reference_trials, write_study
 
 from analysis.aggregate import AxisError
 from analysis.collect import collect
@@ -27,7 +28,6 @@ from analysis.figures import (
     save,
     trace_data,
 )
-from analysis.synthetic import reference_trials, write_study
 
 
 @pytest.fixture(scope="module")

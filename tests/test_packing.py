@@ -14,10 +14,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import float64_trials
 
 from trainables.config import SCALED_VARIANTS, VARIANTS, ConfigError
-from trainables.data import BatchSampler
-from trainables.metrics.fd_digits import DigitsFeatureExtractor
 from trainables.packing import PackedAdam, train_pack
 from trainables.train import train
 from trainables.trial import CHECKPOINT_FILE
@@ -28,6 +27,7 @@ TINY = {
 }
 EXPLODING = {"divergence": {"grad_explosion": 1e-3}}  # every step over: an explosion confirmed at 25
 FLOAT64_RTOL = 1e-8
+FLOAT32_RTOL = 100 * torch.finfo(torch.float32).eps  # a hundred float32 roundings: ~1.2e-5
 # G's biases before a batch norm have a zero gradient in exact arithmetic: Adam turns the rounding noise that
 # stands for it into full-size steps, so these biases (and the running means that include them) and their
 # moments follow the noise, not the training. Everything else of a member must equal its single trial.
@@ -95,10 +95,7 @@ def assert_close_reports(actual: dict, expected: dict, rtol: float) -> None:
 
 @pytest.fixture(scope="module")
 def float64_runs(tmp_path_factory):
-    """A pack of three bssn members (member 1 explodes) and the three single trials, all in float64.
-
-    BatchSampler's batches become float64 and the digits classifier stays float32, on both sides alike.
-    """
+    """A pack of three bssn members (member 1 explodes) and the three single trials, all in float64."""
     root = tmp_path_factory.mktemp("float64")
     base = TINY | {"variant": "bssn", "width": 0.0625, "iterations": 200, "log_every": 25, "eval_every": 100,
                    "checkpoint_every": 100}
@@ -107,16 +104,6 @@ def float64_runs(tmp_path_factory):
         base | {"seed": 1, "scale": 1.5} | EXPLODING,
         base | {"seed": 2, "scale": 0.8, "g_lr": 5e-4, "d_lr": 1e-4, "beta1": 0.0, "beta2": 0.9},
     ]
-    float32_init = DigitsFeatureExtractor.__init__
-
-    def digits_extractor_in_float32(self, *args, **kwargs):
-        torch.set_default_dtype(torch.float32)
-        try:
-            float32_init(self, *args, **kwargs)
-        finally:
-            torch.set_default_dtype(torch.float64)
-
-    sampler_next = BatchSampler.next
     pack_reports: list[tuple[dict, str | None]] = []
 
     def keep_checkpoint_at_100(metrics, checkpoint_dir):
@@ -124,24 +111,17 @@ def float64_runs(tmp_path_factory):
         if metrics["iteration"] == 100:
             shutil.copytree(checkpoint_dir, root / "pack_checkpoint_100")
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(BatchSampler, "next", lambda self: sampler_next(self).double())
-        patch.setattr(DigitsFeatureExtractor, "__init__", digits_extractor_in_float32)
-        torch.set_default_dtype(torch.float64)
-        try:
-            members = [Recorder() for _ in configs]
-            summaries = train_pack(configs, members, workdir=root / "pack",
-                                   pack_report=keep_checkpoint_at_100)
-            singles = []
-            for k, config in enumerate(configs):
-                singles.append(Recorder())
-                train(config, singles[-1], workdir=root / f"single_{k}")
-            # member 0 taken out of the pack at iteration 100 and finished alone by train()
-            alone = Recorder()
-            train(configs[0], alone, workdir=root / "alone",
-                  resume_from=root / "pack_checkpoint_100" / "member_0")
-        finally:
-            torch.set_default_dtype(torch.float32)
+    with float64_trials():
+        members = [Recorder() for _ in configs]
+        summaries = train_pack(configs, members, workdir=root / "pack", pack_report=keep_checkpoint_at_100)
+        singles = []
+        for k, config in enumerate(configs):
+            singles.append(Recorder())
+            train(config, singles[-1], workdir=root / f"single_{k}")
+        # member 0 taken out of the pack at iteration 100 and finished alone by train()
+        alone = Recorder()
+        train(configs[0], alone, workdir=root / "alone",
+              resume_from=root / "pack_checkpoint_100" / "member_0")
     return {"root": root, "configs": configs, "summaries": summaries, "members": members,
             "singles": singles, "pack_reports": pack_reports, "alone": alone}
 
@@ -207,38 +187,43 @@ def test_member_checkpoint_resumes_alone_in_train(float64_runs):
             assert actual[key] == pytest.approx(expected[key], rel=1e-3), key
 
 
-def test_members_match_single_trials_in_float32_over_the_first_iterations(tmp_path):
-    # float32 rounding differs between grouped and plain convolutions, and G's zero-gradient biases (above)
-    # turn it into Adam steps: the members drift from their single trials from the first G step on.
-    configs = [TINY | {"seed": 3, "iterations": 3, "log_every": 1},
-               TINY | {"seed": 4, "iterations": 3, "log_every": 1, "d_lr": 1e-3, "beta2": 0.9}]
-    members = [Recorder(), Recorder()]
-    train_pack(configs, members, workdir=tmp_path / "pack")
-    for k, config in enumerate(configs):
-        single = Recorder()
-        train(config, single, workdir=tmp_path / f"single_{k}")
-        for actual, expected in zip(members[k].reports, single.reports, strict=True):
-            tolerance = 1e-5 if expected["iteration"] == 1 else 1e-3
-            for key in ("loss_d", "loss_g", "d_real", "d_fake", "d_real_min", "d_fake_max", "grad_norm/D"):
-                assert actual[key] == pytest.approx(expected[key], rel=tolerance, abs=tolerance), (k, key)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_every_variant_packs_and_matches_its_single_trials_first_iteration(tmp_path, variant):
-    # scale differs where the variant takes c; the learned-gamma variants pack with the hinge loss
-    scaled = {"scale": 1.3} if variant in SCALED_VARIANTS else {}
-    configs = [TINY | {"variant": variant, "loss": "hinge", "iterations": 1, "eval_every": 1, "seed": 0},
-               TINY | {"variant": variant, "loss": "hinge", "iterations": 1, "eval_every": 1, "seed": 1,
-                       "d_lr": 1e-3} | scaled]
+def test_members_compute_their_first_d_step_as_their_single_trials_in_float32(tmp_path):
+    # Only the first D step is compared: from its Adam update on, float32 rounding in near-zero gradient
+    # components (different between grouped and plain convolutions, and between CPUs) flips whole ±lr steps,
+    # and the float64 tests above check the trajectory. Before it, the two differ by rounding alone.
+    configs = [TINY | {"seed": 3, "iterations": 1, "log_every": 1},
+               TINY | {"seed": 4, "iterations": 1, "log_every": 1, "d_lr": 1e-3, "beta2": 0.9}]
     members = [Recorder(), Recorder()]
     train_pack(configs, members, workdir=tmp_path / "pack")
     for k, config in enumerate(configs):
         single = Recorder()
         train(config, single, workdir=tmp_path / f"single_{k}")
         (actual,), (expected,) = members[k].reports, single.reports
-        assert actual.keys() == expected.keys()
-        for key in ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm/D", "grad_norm/G", "fd_digits"):
-            assert actual[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-5), (k, key)
+        d_step = [key for key in expected if key.startswith(("loss_d", "d_real", "d_fake", "grad_norm/D"))]
+        assert len(d_step) > 6  # the loss, D's outputs and D's gradient norm, in total and per layer
+        for key in d_step:
+            assert actual[key] == pytest.approx(expected[key], rel=FLOAT32_RTOL, abs=FLOAT32_RTOL), (k, key)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_packs_and_matches_its_single_trials_first_iteration(tmp_path, variant):
+    # In float64 (see the module docstring): in float32 the first Adam step already turns rounding noise in
+    # near-zero gradient components into full ±lr steps, and loss_g, grad_norm/G and fd_digits come after it.
+    # scale differs where the variant takes c; the learned-gamma variants pack with the hinge loss
+    scaled = {"scale": 1.3} if variant in SCALED_VARIANTS else {}
+    configs = [TINY | {"variant": variant, "loss": "hinge", "iterations": 1, "eval_every": 1, "seed": 0},
+               TINY | {"variant": variant, "loss": "hinge", "iterations": 1, "eval_every": 1, "seed": 1,
+                       "d_lr": 1e-3} | scaled]
+    members = [Recorder(), Recorder()]
+    singles = [Recorder(), Recorder()]
+    with float64_trials():
+        train_pack(configs, members, workdir=tmp_path / "pack")
+        for k, config in enumerate(configs):
+            train(config, singles[k], workdir=tmp_path / f"single_{k}")
+    for member, single in zip(members, singles, strict=True):
+        (actual,), (expected,) = member.reports, single.reports
+        assert {"loss_g", "grad_norm/G", "fd_digits"} <= expected.keys()
+        assert_close_reports(actual, expected, FLOAT64_RTOL)
 
 
 def test_pack_resumes_exactly_from_its_checkpoint(tmp_path):
@@ -332,15 +317,17 @@ def test_unpackable_loss_and_bad_member_config_are_refused(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_members_match_single_trials_on_cuda(tmp_path):
-    configs = [TINY | {"seed": s, "iterations": 5, "log_every": 1, "device": "cuda", "d_lr": lr}
+def test_members_compute_their_first_d_step_as_their_single_trials_on_cuda(tmp_path):
+    # The first D step only, as in float32 on the CPU; cuDNN's convolutions run in TF32 (10-bit mantissa) and
+    # pick different algorithms for grouped and plain convolutions: ten TF32 roundings apart at most.
+    configs = [TINY | {"seed": s, "iterations": 1, "log_every": 1, "device": "cuda", "d_lr": lr}
                for s, lr in ((0, 2e-4), (1, 1e-3))]
     members = [Recorder(), Recorder()]
     train_pack(configs, members, workdir=tmp_path / "pack")
+    tf32_rtol = 10 * 2.0**-10
     for k, config in enumerate(configs):
         single = Recorder()
         train(config, single, workdir=tmp_path / f"single_{k}")
-        for actual, expected in zip(members[k].reports, single.reports, strict=True):
-            for key in ("loss_d", "loss_g", "d_real", "d_fake"):
-                # TF32 and cuDNN's algorithm choice differ between grouped and plain convolutions
-                assert math.isclose(actual[key], expected[key], rel_tol=1e-2, abs_tol=1e-3), (k, key)
+        (actual,), (expected,) = members[k].reports, single.reports
+        for key in ("loss_d", "d_real", "d_fake", "d_real_min", "d_fake_max", "grad_norm/D"):
+            assert math.isclose(actual[key], expected[key], rel_tol=tf32_rtol, abs_tol=tf32_rtol), (k, key)

@@ -1,5 +1,5 @@
-"""`python study/run.py`: bad input stops at the edge with exit code 2, naming the problem, writing
-nothing.
+"""`python -m study` and `python study/run.py`: a dry run from any folder; bad input stops at the edge with
+exit code 2, naming the problem, writing nothing.
 """
 
 from __future__ import annotations
@@ -41,12 +41,18 @@ def test_bad_input_exits_2_naming_the_problem_before_anything_is_written(tmp_pat
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"]  # no mlflow.db, no runs/
 
 
-def test_script_dry_run_prints_the_36_default_trials_and_starts_nothing(tmp_path):
+# From another folder: the file (what `ray submit` runs) finds its own checkout; `-m study` finds the package
+# where it is installed, here this checkout.
+@pytest.mark.parametrize(("command", "environment"), [
+    ([str(REPOSITORY / "study" / "run.py")], {}),
+    (["-m", "study"], {"PYTHONPATH": str(REPOSITORY)}),
+], ids=["study/run.py", "-m study"])
+def test_dry_run_prints_the_36_default_trials_and_starts_nothing(tmp_path, command, environment):
     workdir = tmp_path / "work"
     workdir.mkdir()
-    result = subprocess.run([sys.executable, str(REPOSITORY / "study" / "run.py"), "--dry-run"], cwd=workdir,
+    result = subprocess.run([sys.executable, *command, "--study", "default", "--dry-run"], cwd=workdir,
                             capture_output=True, text=True, timeout=120,
-                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **environment})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "study default (preset default): grid search, axes lr, beta1, variant, seed"

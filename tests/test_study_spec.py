@@ -7,7 +7,6 @@ import pytest
 
 from study.spec import (
     StudyError,
-    cell_key,
     expand_grid,
     grid_packs,
     load_spec,
@@ -50,10 +49,6 @@ def test_compare_gan_wide_is_a_random_search_of_100_points_by_3_seeds():
     assert spec.search.kind == "random" and spec.budget.samples == 100 and spec.seeds == [0, 1, 2]
     assert spec.axes["g_lr"].low == 1e-5 and spec.axes["g_lr"].high == 1e-2
     assert (spec.axes["n_dis"].low, spec.axes["n_dis"].high) == (1, 5)
-
-
-def test_cell_key_sorts_axis_names_and_leaves_out_the_seed():
-    assert cell_key({"variant": "sn", "g_lr": 0.0002, "seed": 3}) == "g_lr=0.0002,variant=sn"
 
 
 def test_a_union_of_grids_runs_a_shared_cell_once(tmp_path):

@@ -47,7 +47,40 @@ PACKED_LOSSES = ("hinge", "non_saturating")
 RESOLUTIONS = {"standard_cnn": (32, 48, 64), "resnet": (32, 128)}
 
 
+# One home for each rule that a TrialConfig and the builders taking these values alone both enforce
+# (normalization.normalize, networks.build_*, data.BatchSampler): each raises ValueError naming its field.
+
+def check_scale(variant: str, scale: float) -> None:
+    """The paper's constant c: a finite number > 0, and other than 1.0 only for SCALED_VARIANTS."""
+    number = isinstance(scale, int | float) and not isinstance(scale, bool)
+    if not (number and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: the constant c must be a finite number > 0, got {scale!r}")
+    if scale != 1.0 and variant not in SCALED_VARIANTS:
+        raise ValueError(
+            f"scale: variant {variant!r} takes no constant c (got scale={scale}); "
+            f"scale applies to {', '.join(SCALED_VARIANTS)}, every other variant needs scale 1.0"
+        )
+
+
+def check_resolution(architecture: str, resolution: int) -> None:
+    """`resolution` (px per side) must be one that `architecture` (one of ARCHITECTURES) is built for."""
+    valid = RESOLUTIONS[architecture]
+    if resolution not in valid:
+        raise ValueError(
+            f"resolution: {resolution!r} px is not built by architecture {architecture!r}; "
+            f"valid: {', '.join(map(str, valid))}"
+        )
+
+
+def check_batch_size(batch_size: int, field: str = "batch_size") -> None:
+    """At least two images per batch (`field` names it): D's loss compares a batch, sample diversity pairs."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError(f"{field}: must be an int >= 2, got {batch_size!r}")
+
+
 class StrictModel(BaseModel):
+    """Configuration as data: an unknown field is an error, and so is an invalid value assigned later."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -210,13 +243,6 @@ class TrialConfig(StrictModel):
             raise ValueError(f"Adam beta must lie in [0, 1), got {beta}")
         return beta
 
-    @field_validator("scale")
-    @classmethod
-    def _positive_scale(cls, scale: float) -> float:
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale c must be a finite number > 0, got {scale}")
-        return scale
-
     @field_validator("n_dis")
     @classmethod
     def _n_dis(cls, n_dis: int) -> int:
@@ -227,15 +253,14 @@ class TrialConfig(StrictModel):
     @field_validator("batch_size")
     @classmethod
     def _batch_size(cls, batch_size: int) -> int:
-        if batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2, got {batch_size}")
+        check_batch_size(batch_size)
         return batch_size
 
     @field_validator("d_batch_size", "g_batch_size", "eval_generated_is")
     @classmethod
     def _count_at_least_two(cls, count: int | None, info: ValidationInfo) -> int | None:
-        if count is not None and count < 2:
-            raise ValueError(f"{info.field_name} must be >= 2, got {count}")
+        if count is not None:  # a batch (or IS's images) compares at least two images, as batch_size
+            check_batch_size(count, info.field_name)
         return count
 
     @model_validator(mode="before")
@@ -247,21 +272,12 @@ class TrialConfig(StrictModel):
 
     @model_validator(mode="after")
     def _resolution_fits_architecture(self) -> TrialConfig:
-        valid = RESOLUTIONS[self.architecture]
-        if self.resolution not in valid:
-            raise ValueError(
-                f"resolution: {self.resolution} px is not built by architecture {self.architecture!r}; "
-                f"valid: {', '.join(map(str, valid))}"
-            )
+        check_resolution(self.architecture, self.resolution)
         return self
 
     @model_validator(mode="after")
-    def _scale_only_where_c_applies(self) -> TrialConfig:
-        if self.scale != 1.0 and self.variant not in SCALED_VARIANTS:
-            raise ValueError(
-                f"scale: variant {self.variant!r} takes no constant c (got scale={self.scale}); "
-                f"scale applies to {', '.join(SCALED_VARIANTS)}, every other variant needs scale 1.0"
-            )
+    def _scale_fits_variant(self) -> TrialConfig:
+        check_scale(self.variant, self.scale)
         return self
 
     @model_validator(mode="after")
@@ -368,7 +384,8 @@ def describe_validation_error(exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             message = "unknown field"
         field = ".".join(str(part) for part in err["loc"])
-        lines.append(f"{field}: {message}" if field else message)  # model-level messages name their field
+        # Model-level messages, and the shared checks' (check_batch_size ...), name their field themselves.
+        lines.append(message if not field or message.startswith(f"{field}: ") else f"{field}: {message}")
     return "invalid trial config:\n  " + "\n  ".join(lines)
 
 

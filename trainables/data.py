@@ -46,7 +46,7 @@ import torchvision
 from torchvision.datasets.utils import download_and_extract_archive, extract_archive
 from torchvision.io import ImageReadMode, decode_image
 
-from trainables.config import CELEBA_SPLITS, DATASETS
+from trainables.config import CELEBA_SPLITS, DATASETS, check_batch_size
 
 CIFAR10_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 STL10_IMAGE_BYTES = 3 * 96 * 96
@@ -361,8 +361,7 @@ class BatchSampler:
     """
 
     def __init__(self, source: ImageSource, batch_size: int, seed: int, device: torch.device | str = "cpu"):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
-            raise ValueError(f"batch_size: must be an int >= 2, got {batch_size!r}")
+        check_batch_size(batch_size)
         if len(source) == 0:
             raise ValueError(f"source: dataset {source.name!r} has no images")
         self.source = source

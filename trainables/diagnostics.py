@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torchvision.utils import save_image
 
+from trainables.files import atomic_path
 from trainables.metrics.fd_digits import DigitsFeatureExtractor, ink_box
 from trainables.normalization import spectral_report
 
@@ -136,9 +137,7 @@ class DiversityProbe:
 
 def save_sample_grid(images: torch.Tensor, path: Path) -> Path:
     """Write images (B, C, H, W) in [-1, 1] as one PNG grid, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_image(images.float().clamp(-1, 1), partial, nrow=8, normalize=True, value_range=(-1, 1),
-               format="png")
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        save_image(images.float().clamp(-1, 1), partial, nrow=8, normalize=True, value_range=(-1, 1),
+                   format="png")
     return path

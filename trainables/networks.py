@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from trainables.config import ARCHITECTURES, RESOLUTIONS
+from trainables.config import ARCHITECTURES, check_resolution
 
 STANDARD_CNN_STD = 0.02  # N(0, 0.02) initialisation of the standard CNN (DCGAN's, kept by SNGAN and BSN)
 LEAK = 0.1  # the standard CNN discriminator's leaky ReLU slope
@@ -240,10 +240,7 @@ def resnet_discriminator(resolution: int, width: float, in_channels: int) -> Res
 def check_architecture(architecture: str, resolution: int, width: float) -> None:
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture: {architecture!r} is not known; valid: {', '.join(ARCHITECTURES)}")
-    valid = RESOLUTIONS[architecture]
-    if resolution not in valid:
-        raise ValueError(f"resolution: {resolution!r} px is not built by architecture {architecture!r}; "
-                         f"valid: {', '.join(map(str, valid))}")
+    check_resolution(architecture, resolution)
     if not (isinstance(width, int | float) and math.isfinite(width) and width > 0):
         raise ValueError(f"width: must be a finite number > 0 (1.0 is the paper's network), got {width!r}")
 

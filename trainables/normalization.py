@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from trainables.config import SCALED_VARIANTS, VARIANTS
+from trainables.config import VARIANTS, check_scale
 
 __all__ = [
     "VARIANTS", "PowerIterationStarts", "frozen_parametrizations", "normalize", "spectral_report",
@@ -292,11 +292,7 @@ def normalize(module: nn.Module, variant: str, *, scale: float = 1.0, n_power_it
 def _check_arguments(variant: str, scale: float, n_power_iterations: int, eps: float) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"variant: unknown {variant!r}; valid: {', '.join(VARIANTS)}")
-    if not (_is_number(scale) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: the constant c must be a finite number > 0, got {scale!r}")
-    if scale != 1.0 and variant not in SCALED_VARIANTS:
-        raise ValueError(f"scale: variant {variant!r} takes no constant c (got scale={scale}); "
-                         f"scale applies to {', '.join(SCALED_VARIANTS)}, all other variants need scale=1.0")
+    check_scale(variant, scale)
     if not (isinstance(n_power_iterations, int) and not isinstance(n_power_iterations, bool)
             and n_power_iterations >= 1):
         raise ValueError(f"n_power_iterations: must be an integer >= 1, got {n_power_iterations!r}")

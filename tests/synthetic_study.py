@@ -1,10 +1,6 @@
-"""Synthetic studies written into MLflow exactly as study/ writes real ones: for tests, benchmark and demos.
-
-Every value is chosen by the caller, so aggregates over a synthetic study are known in advance. The layout is
-the contract between study/ and analysis/: one parent run (tags role=study, study, preset, git_commit, axes,
-status, version.*; params: the flattened spec) and one child run per trial (tags mlflow.parentRunId,
-role=trial, study, trial_id, cell, status, diverged, divergence_cause, divergence_step; params: the flattened
-TrialConfig; metrics under their report keys with step = iteration; artifact events.json).
+"""Synthetic studies written into MLflow in study/'s layout (study/layout.py), for the analysis tests and
+bench/analysis_collect.py: every value is chosen by the caller, so aggregates over a synthetic study are known
+in advance. Test code only: nothing in study/, trainables/ or analysis/ imports it.
 """
 
 from __future__ import annotations
@@ -18,6 +14,7 @@ from typing import Any
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from study import layout
 from trainables.config import TrialConfig
 
 BATCH_ENTRIES = 1000  # MLflow's log_batch limits per request: 1000 entries, of which at most 100 params
@@ -30,7 +27,7 @@ class SyntheticTrial:
 
     axes: dict[str, Any]  # swept TrialConfig fields of this trial, seed included: {"g_lr": 2e-4, "seed": 0}
     evals: Sequence[tuple[int, float]]  # (iteration, primary metric) at each evaluation, in order
-    status: str = "finished"  # finished, diverged, failed or running
+    status: str = layout.FINISHED  # one of layout.TRIAL_STATUSES
     divergence_cause: str = ""
     divergence_step: int = -1
     events: Sequence[dict[str, Any]] = ()  # content of events.json: {"cause", "iteration", "values", ...}
@@ -42,30 +39,13 @@ class SyntheticTrial:
     bundles: dict[str, str] = field(default_factory=dict)  # bundle axes' labels ({"lr": "1e-3"}): cell tag
 
 
-def flatten_config(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """A nested config dict as MLflow params the way study/ logs them: dotted keys, strings kept, every other
-    value as JSON (`true`, `null`, `["fid"]`, `0.0002`)."""
-    flat: dict[str, str] = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value, default=str)
-    return flat
-
-
-def cell_key(axes: dict[str, Any]) -> str:
-    """The stable key of a trial's axes except the seed, as the `cell` tag: `g_lr=0.0002,variant=sn`."""
-    return ",".join(f"{name}={axes[name]}" for name in sorted(axes) if name != "seed")
-
-
 def write_study(
     client: MlflowClient,
     study: str,
     trials: Iterable[SyntheticTrial],
     *,
     axes: Sequence[str],
-    parent_status: str = "finished",
+    parent_status: str = layout.FINISHED,
     experiment: str | None = None,
     workers: int = 4,
 ) -> str:
@@ -80,18 +60,22 @@ def write_study(
         experiment_id,
         run_name=study,
         tags={
-            "role": "study",
-            "study": study,
-            "preset": "",
-            "git_commit": "synthetic",
-            "axes": ",".join(axes),
-            "status": parent_status,
-            "version.gan-stability": "0.1.0",
+            layout.ROLE_TAG: layout.STUDY_ROLE,
+            layout.STUDY_TAG: study,
+            layout.PRESET_TAG: "",
+            layout.GIT_COMMIT_TAG: "synthetic",
+            layout.AXES_TAG: ",".join(axes),
+            layout.STATUS_TAG: parent_status,
+            f"{layout.VERSION_TAG_PREFIX}gan-stability": "0.1.0",
         },
     )
     parent_id = parent.info.run_id
-    client.log_batch(parent_id, params=[Param("axes", ",".join(axes)), Param("name", study)])
     trials = list(trials)
+    # The spec's params as study/ logs them: its name and each axis's values (bundles by label).
+    values = [{**t.config, **t.axes, **t.bundles} for t in trials]
+    swept = {axis: sorted({v[axis] for v in values if axis in v}, key=str) for axis in axes if axis != "seed"}
+    spec = layout.flatten({"name": study, "axes": swept})
+    client.log_batch(parent_id, params=[Param(key, value) for key, value in spec.items()])
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(
             pool.map(
@@ -99,8 +83,8 @@ def write_study(
                 enumerate(trials),
             )
         )
-    if parent_status != "running":
-        client.set_terminated(parent_id, status="FAILED" if parent_status == "failed" else "FINISHED")
+    if parent_status != layout.RUNNING:
+        client.set_terminated(parent_id, status=layout.MLFLOW_END_STATUS[parent_status])
     return parent_id
 
 
@@ -108,23 +92,26 @@ def _write_trial(
     client: MlflowClient, experiment_id: str, parent_id: str, study: str, index: int, trial: SyntheticTrial
 ) -> str:
     config = TrialConfig(**{**trial.config, **trial.axes})
-    diverged = trial.status == "diverged"
+    diverged = trial.status == layout.DIVERGED
+    cell = layout.cell_key({**trial.axes, **trial.bundles})
+    seed = trial.axes.get("seed", config.seed)
     tags = {
-        "mlflow.parentRunId": parent_id,
-        "role": "trial",
-        "study": study,
-        "trial_id": f"trial_{index:05d}",
-        "cell": cell_key({**trial.axes, **trial.bundles}),
-        "status": trial.status,
-        "diverged": "1" if diverged else "0",
-        "divergence_cause": trial.divergence_cause,
-        "divergence_step": str(trial.divergence_step),
+        layout.PARENT_RUN_ID_TAG: parent_id,
+        layout.ROLE_TAG: layout.TRIAL_ROLE,
+        layout.STUDY_TAG: study,
+        layout.TRIAL_ID_TAG: f"trial_{index:05d}",
+        layout.CELL_TAG: cell,
+        layout.SEED_TAG: str(seed),
+        layout.STATUS_TAG: trial.status,
+        layout.DIVERGED_TAG: "1" if diverged else "0",
+        layout.DIVERGENCE_CAUSE_TAG: trial.divergence_cause,
+        layout.DIVERGENCE_STEP_TAG: str(trial.divergence_step),
     }
     run = client.create_run(
-        experiment_id, start_time=trial.start_ms, tags=tags, run_name=f"trial_{index:05d}"
+        experiment_id, start_time=trial.start_ms, tags=tags, run_name=layout.trial_run_name(cell, seed)
     )
     run_id = run.info.run_id
-    params = [Param(k, v) for k, v in flatten_config(config.model_dump()).items()]
+    params = [Param(k, v) for k, v in layout.flatten(config.model_dump(mode="json")).items()]
 
     ts = trial.start_ms
     penalty = config.divergence.diverged_objective
@@ -139,7 +126,7 @@ def _write_trial(
         ]
     for key, points in {**trial.extra_evals, **trial.diagnostics}.items():
         metrics += [Metric(key, value, ts, iteration) for iteration, value in points]
-    if trial.status in ("finished", "diverged"):
+    if trial.status in layout.ENDED_STATUSES:
         last = trial.divergence_step if diverged else (trial.evals[-1][0] if trial.evals else 0)
         if diverged:  # the final report of a stopped trial carries the penalty as its objective
             metrics += [
@@ -160,11 +147,11 @@ def _write_trial(
     for start in range(0, len(metrics), BATCH_ENTRIES):
         client.log_batch(run_id, metrics=metrics[start : start + BATCH_ENTRIES])
     if trial.events:
-        client.log_text(run_id, json.dumps(list(trial.events)), "events.json")
-    if trial.status != "running":
+        client.log_text(run_id, json.dumps(list(trial.events)), layout.EVENTS_ARTIFACT)
+    if trial.status != layout.RUNNING:
         client.set_terminated(
             run_id,
-            status="FAILED" if trial.status == "failed" else "FINISHED",
+            status=layout.MLFLOW_END_STATUS[trial.status],
             end_time=trial.start_ms + int(trial.wall_time_s * 1000),
         )
     return run_id
