@@ -2,7 +2,7 @@
 
 One iteration is train()'s own, without its logging steps: `trainables.trial.train_iteration` over train.py's
 `SingleStep` on a trial built by `Trial.build` (n_dis D steps: G's samples without gradients, one D forward
-on real and fake together, hinge loss, Adam; one G step through D with frozen weights and power iterations;
+on real and fake together, hinge loss, Adam, the power-iteration update; one G step through frozen D;
 the device-side divergence monitor after each). Standard CNN at 32 px, batch 64, random real images already
 on the device (no data loading). Every variant's networks start from the same seed. `torch_sn` is the
 reference row: PyTorch's stock torch.nn.utils.parametrizations.spectral_norm on every Conv2d and Linear of D.

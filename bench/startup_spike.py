@@ -1,19 +1,20 @@
 """The start-up gradient spike of SN-family trials at a large learning rate, measured (issue 12).
 
-Runs train.py's step (hinge loss, n_dis 1, the trial's seeding) for the first iterations and prints, per
+Runs train()'s own iteration (trainables.trial.train_iteration over train.py's SingleStep, on a trial built
+by Trial.build: hinge loss, n_dis 1, the trial's seeding) for the first iterations and prints, per
 iteration, D's and G's total gradient norms and how far the σ each step divides by is from the exact σ of
-D's layers: max and product over layers of exact σ / σ used (1 = exact; 947 means W/σ is 947 times too large
-over D's layers). Three ways to run the power iteration around the step:
+D's layers: max and product over layers of exact σ / σ used (1 = exact; 947 means W/σ is 947 times too
+large over D's layers). Two starts of the power iteration:
 
-  ours      this project (trainables.normalization + train.py): D's training forward runs one power-
-            iteration step from the stored u and stores it; G's step evaluates D with u, v frozen (0 steps
-            on the weights D's optimiser step has just changed)
-  warm15    ours plus 15 power-iteration steps at registration (PyTorch's parametrizations.spectral_norm)
-  official  fjxmlzn/BSN's order: each D forward (D step and G step) runs one step from the stored u without
-            storing it; the stored u advances one step after D's optimiser step, on the new weights
-            (`spectral_norm_update_ops`, run after `d_op` in gan.py's training loop)
+  official  this project's order, fjxmlzn/BSN's: each D forward (D step and G step) runs one step from the
+            stored u without storing it; the stored u advances one step after D's optimiser step, on the
+            new weights (`spectral_norm_update_ops`); u starts random, with no warm-up
+  warm15    the same after 15 power-iteration steps at registration (PyTorch's parametrizations.spectral_norm)
 
-    python bench/startup_spike.py            # the reported case, all three orders
+Measured before the project took the official order (G's step then divided by σ from u, v frozen at the
+weights before D's step): in the reported case ×947 in G's step at iteration 1, |∇G| 5.6e5, |∇D| 1.4e5.
+
+    python bench/startup_spike.py            # the reported case, both starts
     python bench/startup_spike.py --sweep    # digits / MNIST format x none, sn, bssn x beta1 x seeds
 
 Data: the built-in digits, or load_digits written as MNIST's raw idx files at 28 px (bilinear) and read by
@@ -34,14 +35,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
-from torch.nn.utils import parametrize
 
 from trainables import normalization
-from trainables.data import BatchSampler, load_images
-from trainables.losses import discriminator_loss, generator_loss
-from trainables.networks import build_discriminator, build_generator
+from trainables.config import parse_config
+from trainables.normalization import advance_power_iterations
+from trainables.train import SingleStep
+from trainables.trial import Trial, build_evaluation, train_iteration, training_images
 
-ORDERS = ("ours", "warm15", "official")
+ORDERS = ("official", "warm15")
 
 
 def write_mnist(root: Path) -> None:
@@ -58,104 +59,38 @@ def write_mnist(root: Path) -> None:
         (raw / name).write_bytes(header + array.tobytes())
 
 
-def spectral_layers(discriminator):
-    return [(module, next(p for p in module.parametrizations.weight
-                          if isinstance(p, normalization.SpectralNormalization)))
-            for module in discriminator.modules() if parametrize.is_parametrized(module, "weight")]
-
-
-def sigma_error(layers, used: list[float]) -> tuple[float, float]:
-    """(max, product) over layers of exact σ / the σ the forward divided by (BSN: means of both reshapes)."""
-    ratios = []
-    for (module, spectral), sigma in zip(layers, used, strict=True):
-        weight = module.parametrizations.weight.original.detach()
-        exact = [float(normalization._exact_sigma(weight, e.row_dim)) for e in spectral.estimators.values()]
-        ratios.append(sum(exact) / len(exact) / sigma)
-    return max(ratios, default=1.0), math.prod(ratios)
-
-
 def run(dataset: str, root: Path, variant: str, scale: float, beta1: float, seed: int, order: str, *,
         lr: float = 1e-2, iterations: int = 10, width: float = 0.125, batch: int = 64) -> list[tuple]:
     """Per iteration: (|∇D|, |∇G|, D-step σ error (max, prod), G-step σ error (max, prod))."""
-    torch.manual_seed(seed)  # as train(): the networks, then the normalization's u from the global stream
-    sampler = BatchSampler(load_images(dataset, root, 32), batch, seed=seed)
-    noise = torch.Generator().manual_seed(seed + 1)
-    generator = build_generator("standard_cnn", 32, z_dim=128, width=width)
-    discriminator = build_discriminator("standard_cnn", 32, width=width)
-    normalization.normalize(discriminator, variant, scale=scale, example_input=torch.zeros(1, 3, 32, 32))
-    layers = spectral_layers(discriminator)
-    estimators = [e for _, spectral in layers for e in spectral.estimators.values()]
-
-    def advance(steps: int) -> None:  # stored power-iteration steps on the current weights
-        with torch.no_grad():
-            for module, spectral in layers:
-                for e in spectral.estimators.values():
-                    _, u, v = normalization._power_iteration(
-                        *e.operators(module.parametrizations.weight.original), e.u, steps, e.eps)
-                    e.u.copy_(u)
-                    e.v.copy_(v)
-
+    cfg = parse_config({"dataset": dataset, "data_root": str(root), "variant": variant, "scale": scale,
+                        "beta1": beta1, "seed": seed, "g_lr": lr, "d_lr": lr, "width": width,
+                        "batch_size": batch, "iterations": iterations, "device": "cpu",
+                        "metrics": ["fd_digits"], "cache_dir": str(root / "cache")})
+    source = training_images(cfg)
+    unused = root / "unused"  # never created: only logging steps write, and none runs
+    trial = Trial.build(cfg, lambda metrics, checkpoint_dir=None: None, source, build_evaluation(cfg, source),
+                        workdir=unused, checkpoint_dir=unused)
     if order == "warm15":
-        advance(15)
-    used: list[float] = []  # the σ each SpectralNormalization forward divided by
+        for _ in range(15):
+            advance_power_iterations(trial.discriminator)
+    ratios: list[float] = []  # exact σ / the σ each SpectralNormalization forward divided by
 
     def record(module, args, output):
-        weight, normalized = args[0].detach().flatten(), output.detach().flatten()
-        i = int(weight.abs().argmax())
-        used.append(module.scale * float(weight[i] / normalized[i]))
+        weight, normalized = args[0].detach(), output.detach().flatten()
+        i = int(weight.flatten().abs().argmax())
+        exact = [float(normalization._exact_sigma(weight, e.row_dim)) for e in module.estimators.values()]
+        ratios.append(sum(exact) / len(exact) / (module.scale * float(weight.flatten()[i] / normalized[i])))
 
-    for _, spectral in layers:
-        spectral.register_forward_hook(record)
-
-    def stored_vectors() -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(e.u.clone(), e.v.clone()) for e in estimators]
-
-    def restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:  # an official forward stores nothing
-        with torch.no_grad():
-            for e, (u, v) in zip(estimators, saved, strict=True):
-                e.u.copy_(u)
-                e.v.copy_(v)
-
-    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=(beta1, 0.999))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
-    d_params, g_params = list(discriminator.parameters()), list(generator.parameters())
-    rows = []
-    for _ in range(iterations):
-        real = sampler.next()
-        with torch.no_grad():
-            fake = generator(torch.randn(batch, 128, generator=noise))
-        used.clear()
-        saved = stored_vectors()
-        d_out = discriminator(torch.cat([real, fake]))
-        if order == "official":
-            restore(saved)
-        d_error = sigma_error(layers, used) if layers else (1.0, 1.0)
-        loss_d = discriminator_loss("hinge", d_out[:batch], d_out[batch:])
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        grad_d = float(torch.nn.utils.get_total_norm([p.grad for p in d_params]))
-        opt_d.step()
-        if order == "official":
-            advance(1)
-        for p in d_params:
-            p.requires_grad_(False)
-        z = torch.randn(batch, 128, generator=noise)
-        used.clear()
-        if order == "official":
-            saved = stored_vectors()
-            loss_g = generator_loss("hinge", discriminator(generator(z)))
-            restore(saved)
-        else:
-            with normalization.frozen_parametrizations(discriminator):
-                loss_g = generator_loss("hinge", discriminator(generator(z)))
-        g_error = sigma_error(layers, used) if layers else (1.0, 1.0)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        for p in d_params:
-            p.requires_grad_(True)
-        grad_g = float(torch.nn.utils.get_total_norm([p.grad for p in g_params]))
-        opt_g.step()
-        rows.append((grad_d, grad_g, *d_error, *g_error))
+    layers = [m for m in trial.discriminator.modules() if isinstance(m, normalization.SpectralNormalization)]
+    for module in layers:
+        module.register_forward_hook(record)
+    step, rows = SingleStep(trial), []
+    for iteration in range(1, iterations + 1):
+        ratios.clear()
+        _, d, g = train_iteration(step, trial.monitor, cfg, iteration, trial.sampler.next, trial.latents)
+        d_ratios, g_ratios = ratios[:len(layers)], ratios[len(layers):]  # n_dis 1: D's step, then G's
+        rows.append((float(d.grad_norm), float(g.grad_norm), max(d_ratios, default=1.0), math.prod(d_ratios),
+                     max(g_ratios, default=1.0), math.prod(g_ratios)))
     return rows
 
 
@@ -190,7 +125,7 @@ def main() -> None:
         cases = itertools.product(("digits", "mnist"), variants, (0.0, 0.5), (0, 1))
         for dataset, (variant, scale), beta1, seed in cases:
             line = f"{dataset:6s} {variant:4s} c={scale} beta1={beta1} seed={seed}"
-            for order in ORDERS if variant != "none" else ("ours",):
+            for order in ORDERS if variant != "none" else ("official",):
                 rows = run(dataset, root, variant, scale, beta1, seed, order, lr=args.lr,
                            iterations=args.iterations)
                 peak_d = max(range(3), key=lambda i: rows[i][0])  # noqa: B023

@@ -400,10 +400,11 @@ def test_a_startup_spike_in_a_trial_is_recorded_and_the_trial_goes_on(tmp_path):
     summary = train(config, lambda metrics, checkpoint: None, workdir=tmp_path / "trial")
     assert (summary["diverged"], summary["divergence_cause"], summary["iteration"]) == (0, "", 30)
     events = json.loads((tmp_path / "trial" / "events.json").read_text())
+    # bench/startup_spike.py's case: |grad D| 1.8e4 at iteration 2 (over the 1e4 floor), |grad G| 3.5e3 at 1.
     spikes = {e["network"]: e for e in events if e["cause"] == "grad_spike"}
-    assert (spikes["G"]["iteration"], spikes["D"]["iteration"]) == (1, 2)
-    assert spikes["G"]["values"]["grad_norm"] > 1e5 and spikes["G"]["thresholds"]["grad_norm"] == 1e4
-    assert spikes["G"]["layer"] is not None and all(e["action"] == "record" for e in events)
+    assert set(spikes) == {"D"} and spikes["D"]["iteration"] == 2
+    assert spikes["D"]["values"]["grad_norm"] > 1e4 and spikes["D"]["thresholds"]["grad_norm"] == 1e4
+    assert spikes["D"]["layer"] is not None and all(e["action"] == "record" for e in events)
 
 
 def test_a_sustained_explosion_stops_the_trial_naming_network_layer_and_step(tmp_path):

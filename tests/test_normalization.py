@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from trainables import config
-from trainables.normalization import VARIANTS, PowerIterationStarts, normalize, spectral_report
+from trainables.normalization import VARIANTS, advance_power_iterations, normalize, spectral_report
 
 torch.set_num_threads(1)
 
@@ -48,11 +48,10 @@ def in_reshape(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return (weight if transposed else weight.permute(1, 0, 2, 3)).reshape(c_in, -1)
 
 
-def training_forwards(layer: nn.Module, n: int) -> None:
-    """n training-mode evaluations of the parametrized weight, each one power-iteration step."""
-    layer.train()
+def power_iteration_updates(layer: nn.Module, n: int) -> None:
+    """n updates of the stored u, v, each one power-iteration step on the (unchanged) weight."""
     for _ in range(n):
-        layer.weight  # noqa: B018 - reading the parametrized weight runs the parametrization
+        advance_power_iterations(layer)
 
 
 def relative_error(estimate: float, truth: float) -> float:
@@ -84,7 +83,7 @@ RESHAPE_CASES = {
 def test_sigma_estimates_converge_to_matrix_norm_of_each_reshape(kind: str, variant: str) -> None:
     torch.manual_seed(0)
     layer = normalize(RESHAPE_CASES[kind](), variant)
-    training_forwards(layer, 300)
+    power_iteration_updates(layer, 300)
     weight = raw_weight(layer).detach()
     if kind == "linear":
         sigma_out = sigma_in = torch.linalg.matrix_norm(weight, ord=2).item()
@@ -117,7 +116,7 @@ def test_strict_sigma_equals_top_singular_value_of_explicit_conv_matrix(make_lay
     truth = torch.linalg.matrix_norm(explicit_operator(raw, input_shape), ord=2).item()
 
     strict = normalize(copy.deepcopy(raw), "strict_sn", scale=1.3, example_input=torch.zeros(1, *input_shape))
-    training_forwards(strict, 300)
+    power_iteration_updates(strict, 300)
     assert relative_error(spectral_report(strict)[""]["sigma"], truth) <= 1e-3
     # The normalized layer's operator has σ = c.
     strict.eval()
@@ -148,7 +147,10 @@ def test_ssn_weight_is_c_times_w_over_sigma_and_bias_is_not_scaled(kind: str) ->
         getattr(layer, mode)()
         with parametrize.cached():  # one evaluation of the weight for both reads below
             out, weight = layer(x), layer.weight
-        # Training mode: σ from the u, v this forward's power iteration stored; eval mode: those, unchanged.
+        # Training mode: σ from this forward's power iteration, which the update then stores (the weight is
+        # unchanged); eval mode: from the stored u, v.
+        if mode == "train":
+            advance_power_iterations(layer)
         sigma = stored_sigma_by_hand(layer, "out", w.reshape(w.shape[0], -1))
         torch.testing.assert_close(weight, 1.7 * w / sigma, rtol=1e-6, atol=0)
         torch.testing.assert_close(out, op(x, 1.7 * w / sigma, layer.bias), rtol=1e-5, atol=1e-6)
@@ -166,6 +168,7 @@ def test_bsn_weight_is_c_times_w_over_mean_of_both_reshaped_sigmas(variant: str,
     estimators = spectral(layer).estimators
     assert estimators["out"].u.shape == (c_out,) and estimators["in"].u.shape == (c_in,)
     weight = layer.weight
+    advance_power_iterations(layer)  # stores the vectors of the forward's power iterations
     w = raw_weight(layer).detach()
     sigma_1 = stored_sigma_by_hand(layer, "out", out_reshape(w, transposed))
     sigma_2 = stored_sigma_by_hand(layer, "in", in_reshape(w, transposed))
@@ -187,6 +190,7 @@ def test_bsn_on_a_linear_layer_is_plain_sn() -> None:
     layer = normalize(nn.Linear(9, 4), "bsn")
     assert list(spectral(layer).estimators) == ["out"]
     weight = layer.weight
+    advance_power_iterations(layer)
     sigma = stored_sigma_by_hand(layer, "out", raw_weight(layer).detach())
     torch.testing.assert_close(weight, raw_weight(layer).detach() / sigma, rtol=1e-6, atol=0)
 
@@ -203,7 +207,7 @@ def test_ssn_linear_layer_is_c_lipschitz_and_the_bound_is_tight() -> None:
     torch.manual_seed(0)
     c = 1.7
     layer = normalize(nn.Linear(20, 12), "ssn", scale=c)
-    training_forwards(layer, 300)
+    power_iteration_updates(layer, 300)
     layer.eval()
     xs, ys = torch.randn(1000, 20), torch.randn(1000, 20)
     assert max_ratio(layer, xs, ys) <= c * (1 + 1e-3)
@@ -217,8 +221,8 @@ def test_strict_sn_conv_is_1_lipschitz_at_its_input_size_while_reshape_sn_is_not
     shape = (3, 6, 6)
     strict = normalize(copy.deepcopy(raw), "strict_sn", example_input=torch.zeros(1, *shape))
     plain = normalize(copy.deepcopy(raw), "sn")
-    training_forwards(strict, 300)
-    training_forwards(plain, 300)
+    power_iteration_updates(strict, 300)
+    power_iteration_updates(plain, 300)
     strict.eval()
     plain.eval()
     xs, ys = torch.randn(500, *shape), torch.randn(500, *shape)
@@ -236,6 +240,7 @@ def hinge_step(d: nn.Module, optimizer: torch.optim.Optimizer, real: torch.Tenso
     loss = F.relu(1 - d(real)).mean() + F.relu(1 + d(fake)).mean()
     loss.backward()
     optimizer.step()
+    advance_power_iterations(d)
 
 
 @pytest.mark.parametrize("variant", ["sn", "bsn", "strict_sn", "sn_gamma_shared"])
@@ -266,32 +271,33 @@ def test_u_survives_state_dict_round_trip_and_training_resumes_identically(varia
 
 
 @pytest.mark.parametrize("variant", ["sn", "bsn", "strict_sn"])
-def test_eval_mode_does_not_update_u_and_training_mode_does(variant: str) -> None:
+def test_no_forward_updates_u_and_the_update_after_a_step_does(variant: str) -> None:
     torch.manual_seed(0)
     d = normalize(small_discriminator(), variant, example_input=EXAMPLE)
     x = torch.randn(2, 3, 8, 8)
     buffers = {name: b.clone() for name, b in d.named_buffers()}
-    d.eval()
-    first, second = d(x), d(x)
-    assert all(torch.equal(b, buffers[name]) for name, b in d.named_buffers())
-    assert torch.equal(first, second)
-    d.train()
-    d(x)
+    for mode in ("eval", "train"):
+        getattr(d, mode)()
+        first, second = d(x), d(x)
+        assert all(torch.equal(b, buffers[name]) for name, b in d.named_buffers())
+        assert torch.equal(first, second)
+    advance_power_iterations(d)
     # The conv layers' u move (the 1-output linear layer's u is ±1, already a fixed point).
     conv_us = [name for name, _ in d.named_buffers() if name.startswith(("0.", "2.")) and name.endswith(".u")]
     assert len(conv_us) >= 2 and all(not torch.equal(d.get_buffer(name), buffers[name]) for name in conv_us)
 
 
-def test_n_power_iterations_steps_run_in_each_training_forward() -> None:
+def test_a_training_forward_takes_the_power_iteration_steps_the_update_then_stores() -> None:
     torch.manual_seed(0)
     three = normalize(nn.Conv2d(3, 6, 3), "bsn", n_power_iterations=3)
     one = normalize(nn.Conv2d(3, 6, 3), "bsn", n_power_iterations=1)
     one.load_state_dict(three.state_dict())
-    weight_three = three.weight
-    training_forwards(one, 3)
+    weight_three = three.weight  # a training forward: three steps from the stored u
+    advance_power_iterations(three)
+    power_iteration_updates(one, 3)
     for key, value in three.state_dict().items():
         torch.testing.assert_close(value, one.state_dict()[key], rtol=1e-6, atol=1e-7)
-    one.eval()  # the weight of the last training forward, from the stored u, v
+    one.eval()  # σ from the stored u, v: those of three's forward
     torch.testing.assert_close(weight_three, one.weight, rtol=1e-6, atol=0)
 
 
@@ -320,10 +326,11 @@ def test_u_constant_gradient_equals_torch_spectral_norm_with_the_same_u_v() -> N
     theirs = nn.Conv2d(3, 6, 3)
     theirs.load_state_dict({"weight": raw_weight(ours).detach(), "bias": ours.bias.detach()})
     out_ours, grad_ours = loss_and_grad(ours, x, g)
+    advance_power_iterations(ours)  # stores the u, v our forward used (its weight is unchanged)
 
     torch.nn.utils.parametrizations.spectral_norm(theirs)
     torch_sn = theirs.parametrizations.weight[0]
-    torch_sn._u.copy_(spectral(ours).estimators["out"].u)  # the u, v our forward used
+    torch_sn._u.copy_(spectral(ours).estimators["out"].u)
     torch_sn._v.copy_(spectral(ours).estimators["out"].v)
     theirs.eval()  # eval: PyTorch uses the stored u, v as constants, σ = uᵀWv
     out_theirs, grad_theirs = loss_and_grad(theirs, x, g)
@@ -460,10 +467,11 @@ def test_spectral_report_changes_no_state_and_draws_no_random_numbers(variant: s
     assert all(torch.equal(value, state[key]) for key, value in d.state_dict().items())
 
 
-def test_spectral_report_sigma_is_the_sigma_of_the_last_forward() -> None:
+def test_spectral_report_sigma_is_the_sigma_of_the_last_forward_once_stored() -> None:
     torch.manual_seed(0)
     d = normalize(small_discriminator(), "bssn", scale=1.5)
     weight = d[2].weight  # one training forward
+    advance_power_iterations(d)  # stores its vectors (the weight is unchanged)
     sigma = (1.5 * raw_weight(d[2]).detach() / weight).mean().item()
     report = spectral_report(d)["2"]
     assert relative_error(report["sigma"], sigma) <= 1e-6
@@ -581,6 +589,7 @@ def test_cuda_training_step_does_not_sync_and_sigma_converges(variant: str) -> N
         for _ in range(300):
             d.zero_grad(set_to_none=True)
             d(x).sum().backward()
+            advance_power_iterations(d)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     report = spectral_report(d, conv_operator=True)
@@ -596,9 +605,10 @@ def test_cuda_training_step_does_not_sync_and_sigma_converges(variant: str) -> N
                                                        ("strict_sn", True)])
 def test_compiled_training_steps_give_the_eager_gradients_and_the_same_u(variant: str,
                                                                         grad_through: bool) -> None:
-    """torch.compile (TrialConfig.compile: one graph, PowerIterationStarts) runs the same D steps: loss, every
-    gradient (checked against finite differences too) and the advanced u, v, over three steps. Compiled with u
-    overwritten in the graph that reads it, the gradient through the power iteration is 1-10% off."""
+    """torch.compile (TrialConfig.compile: one graph) runs the same D steps: loss, every gradient (checked
+    against finite differences too) and the u, v the update after each step stores, over three steps. The
+    compiled forward only reads u (a graph that also overwrote it in place got the gradient through the power
+    iteration 1-10% wrong)."""
     torch.compiler.reset()  # each test's nn.Sequential adds to dynamo's cache of its forward (limit 8)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
@@ -606,7 +616,6 @@ def test_compiled_training_steps_give_the_eager_gradients_and_the_same_u(variant
     normalize(net, variant, scale=1.5 if variant != "sn" else 1.0, grad_through_power_iteration=grad_through,
               example_input=torch.zeros(1, 3, 8, 8, dtype=torch.float64))
     twin = copy.deepcopy(net)
-    starts = PowerIterationStarts(twin)
     compiled = torch.compile(twin, fullgraph=True)
     for _ in range(3):
         start = copy.deepcopy(net.state_dict())
@@ -615,13 +624,14 @@ def test_compiled_training_steps_give_the_eager_gradients_and_the_same_u(variant
         twin.zero_grad(set_to_none=True)
         loss = net(x).square().sum()
         loss.backward()
-        starts.refresh()
         compiled_loss = compiled(x).square().sum()
         compiled_loss.backward()
         torch.testing.assert_close(compiled_loss, loss, rtol=1e-12, atol=0)
         for (name, p), q in zip(net.named_parameters(), twin.parameters(), strict=True):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
-        compiled_state = twin.state_dict()  # u, v; not the u_start copies
+        advance_power_iterations(net)
+        advance_power_iterations(twin)
+        compiled_state = twin.state_dict()
         for name, b in net.named_buffers():
             torch.testing.assert_close(compiled_state[name], b, rtol=1e-12, atol=0, msg=name)
 

@@ -219,8 +219,8 @@ def test_bad_config_fails_before_training_naming_the_field(tmp_path):
 def test_compiled_trial_matches_eager_training(tmp_path):
     # In float64: in float32 each step matches to ~1e-7, but Adam turns noise-level gradient components into
     # ±lr steps and this tiny GAN drifts apart by amounts that depend on the CPU's kernels. In float64 the
-    # two agree to ~1e-15 over these iterations; the compiled D with u overwritten in its own graph (the wrong
-    # gradient PowerIterationStarts avoids) is 3e-2 off at iteration 1.
+    # two agree to ~1e-15 over these iterations; a compiled D that overwrote u in its own graph (the wrong
+    # gradient the read-only forward avoids) was 3e-2 off at iteration 1.
     config = {"variant": "sn", "iterations": 3, "n_dis": 2, "log_every": 1}
     with float64_trials():
         _, eager = run(tmp_path, "eager", **config)

@@ -51,8 +51,7 @@ def gradient_norms(module: nn.Module, prefix: str) -> dict[str, float]:
 def input_gradient_norms(discriminator: nn.Module, images: torch.Tensor, prefix: str) -> dict[str, float]:
     """Per-image ‖∇ₓD(x)‖₂ over a batch (B, C, H, W): `{prefix}/mean|min|max`.
 
-    Measured in eval mode, so that the probe does not advance any power iteration (u stays as training left
-    it).
+    Measured in eval mode: σ from the stored u, v, as spectral_report gives it.
     """
     was_training = discriminator.training
     discriminator.eval()

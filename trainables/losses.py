@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from trainables.config import LOSSES
-from trainables.normalization import frozen_parametrizations
 
 # Added under the square root of ‖∇‖², as the official code: keeps the norm's gradient finite at ∇ = 0.
 GRADIENT_NORM_EPS = 1e-8
@@ -56,8 +55,8 @@ def gradient_penalty(discriminator: nn.Module, real: Tensor, fake: Tensor, *, we
     real, fake: (B, C, H, W) images on one device; weight: λ (≥ 0); generator: the torch.Generator (on the
     images' device) that draws α, for reproducible runs. Returns a 0-dim tensor whose graph reaches D's
     parameters (create_graph), not G's: the images are detached. The norm is sqrt(‖∇‖² + 1e-8) as the
-    official code. D's parametrizations run in eval mode, so this forward advances no power iteration (the
-    official code builds the interpolates' D with NO_OPS); D's other layers keep their mode.
+    official code. Its D forward is one like the step's own: the power iteration from the stored u, not stored
+    (the official code builds the interpolates' D with NO_OPS).
     """
     if real.shape != fake.shape:
         raise ValueError(f"real and fake must have the same shape, got {tuple(real.shape)} and "
@@ -67,8 +66,7 @@ def gradient_penalty(discriminator: nn.Module, real: Tensor, fake: Tensor, *, we
     alpha_shape = (real.shape[0],) + (1,) * (real.dim() - 1)
     alpha = torch.rand(alpha_shape, generator=generator, device=real.device, dtype=real.dtype)
     interpolates = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
-    with frozen_parametrizations(discriminator):
-        logits = discriminator(interpolates)
+    logits = discriminator(interpolates)
     (grad,) = torch.autograd.grad(logits.sum(), interpolates, create_graph=True)
     norms = (grad.flatten(1).pow(2).sum(dim=1) + GRADIENT_NORM_EPS).sqrt()
     return weight * (norms - 1).pow(2).mean()

@@ -9,10 +9,12 @@ and gan/op.py), to check against DESIGN.md:
 
 - `sn` (Miyato et al.): W / σ. A conv kernel (c_out, c_in, k, k) is reshaped to (c_out, c_in·k·k); a
   ConvTranspose2d kernel (c_in, c_out, k, k) is permuted to the same (c_out, c_in·k·k); a Linear weight is
-  (out, in). One persistent u (buffer `u`, in the state_dict, with its partner `v`) per reshape; each
-  *training* forward runs `n_power_iterations` steps v = Wᵀu/‖Wᵀu‖, u = Wv/‖Wv‖ and uses σ = uᵀWv. In eval
-  mode u, v are not updated: σ = uᵀWv from the stored vectors. u starts as a random unit vector with no
-  warm-up iterations, as in the official code (PyTorch's stock spectral_norm runs 15 at registration).
+  (out, in). One persistent u (buffer `u`, in the state_dict, with its partner `v`) per reshape. In the
+  official order (gan/sn.py, gan/gan.py's spectral_norm_update_ops): each *training* forward runs
+  `n_power_iterations` steps v = Wᵀu/‖Wᵀu‖, u = Wv/‖Wv‖ from the stored u and uses σ = uᵀWv without storing
+  them; after each optimiser step of D, `advance_power_iterations(D)` stores the same steps taken on the new
+  weights. In eval mode σ = uᵀWv from the stored vectors. u starts as a random unit vector with no warm-up
+  iterations, as in the official code (PyTorch's stock spectral_norm runs 15 at registration).
 - Gradient convention (`grad_through_power_iteration`): True (default) lets gradients flow through the power
   iteration, as the official code does (only the starting u is a constant; v, u and σ are functions of W).
   False treats u, v as constants, as PyTorch's stock spectral_norm: the gradient of W/σ with σ = uᵀWv, u, v
@@ -37,16 +39,15 @@ and gan/op.py), to check against DESIGN.md:
 - `none`: the module is left unchanged.
 
 The training loop must not synchronise with the host: the parametrizations do no `.item()` and no python
-branching on tensor values. Each training forward of D runs the power iteration once more; to update u once
-per D step when D sees real and fake in two calls, evaluate them inside `torch.nn.utils.parametrize.cached()`.
-Parametrized modules cannot be pickled: save and load them through `state_dict()`.
+branching on tensor values. A forward never writes u or v, so every forward of one step (D on real and fake,
+G's step through D, the WGAN-GP interpolates) sees the same σ, and a compiled forward only reads its
+buffers. Parametrized modules cannot be pickled: save and load them through `state_dict()`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +57,7 @@ from torch.nn.utils import parametrize
 
 from trainables.config import VARIANTS, check_scale
 
-__all__ = [
-    "VARIANTS", "PowerIterationStarts", "frozen_parametrizations", "normalize", "spectral_report",
-]
+__all__ = ["VARIANTS", "advance_power_iterations", "normalize", "power_iterations", "spectral_report"]
 
 LAYER_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 CONV_TYPES = (nn.Conv2d, nn.ConvTranspose2d)
@@ -156,30 +155,31 @@ class SigmaEstimator(nn.Module):
         self.eps = eps
         self.register_buffer("u", u)
         self.register_buffer("v", v)
-        # Where a training forward starts its power iteration when not from u (PowerIterationStarts).
-        self.register_buffer("u_start", None, persistent=False)
 
     def operators(self, weight: torch.Tensor) -> tuple[Operator, Operator]:
         raise NotImplementedError
 
     def forward(self, weight: torch.Tensor, n_power_iterations: int, grad_through: bool) -> torch.Tensor:
-        """σ (0-d tensor) for the raw weight; a training forward advances u, v by n_power_iterations steps."""
+        """σ (0-d tensor) for the raw weight: a training forward takes n_power_iterations steps from the
+        stored u (not stored: advance_power_iterations does that after the optimiser step); eval mode uses
+        the stored u, v."""
         op, op_t = self.operators(weight)
         if not self.training:
-            # Clones: a later training forward updates the buffers in place before this graph's backward.
+            # Clones: `advance` updates the buffers in place, possibly before this graph's backward.
             return (self.u.clone() * op_t(self.v.clone())).sum()
-        start = self.u if self.u_start is None else self.u_start
         if grad_through:
-            sigma, u, v = _power_iteration(op, op_t, start.clone(), n_power_iterations, self.eps)
-        else:
-            with torch.no_grad():
-                _, u, v = _power_iteration(*self.operators(weight.detach()), start, n_power_iterations,
-                                           self.eps)
-            sigma = (u * op_t(v)).sum()
+            sigma, _, _ = _power_iteration(op, op_t, self.u.clone(), n_power_iterations, self.eps)
+            return sigma
         with torch.no_grad():
-            self.u.copy_(u)
-            self.v.copy_(v)
-        return sigma
+            _, u, v = _power_iteration(*self.operators(weight.detach()), self.u, n_power_iterations, self.eps)
+        return (u * op_t(v)).sum()
+
+    @torch.no_grad()
+    def advanced(self, weight: torch.Tensor, u: torch.Tensor,
+                 n_power_iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u, v) after n_power_iterations steps from u on `weight`; pure, so a pack can vmap it."""
+        _, u, v = _power_iteration(*self.operators(weight), u, n_power_iterations, self.eps)
+        return u, v
 
     @torch.no_grad()
     def stored_sigma(self, weight: torch.Tensor) -> torch.Tensor:
@@ -392,8 +392,8 @@ def _exact_sigma(weight: torch.Tensor, row_dim: int) -> torch.Tensor:
 def spectral_report(module: nn.Module, *, conv_operator: bool = False) -> dict[str, dict[str, float]]:
     """For every SN-family layer (key: its qualified name, e.g. 'main.0'; other variants have none):
 
-    - 'sigma': the σ the layer divides by, from the stored vectors (uᵀWv; for BSN the mean of both): the σ of
-      the last forward, re-evaluated at the current raw weight (equal to it until the weight is stepped).
+    - 'sigma': the σ from the stored vectors (uᵀWv; for BSN the mean of both) at the current raw weight: after
+      a D update, that of the power-iteration step taken on the new weight (the next forward takes one more).
     - 'sigma_out' / 'sigma_in': σ₁ of the (c_out, c_in·k·k) / σ₂ of the (c_in, c_out·k·k) reshape of the raw
       weight: from the stored vectors where the variant tracks that reshape (sn: out; bsn: both), otherwise
       exact (an eigendecomposition of the smaller Gram matrix per such conv layer). For a Linear layer both
@@ -470,42 +470,35 @@ def _conv_operator_sigma(layer: nn.Module, name: str, spectral: SpectralNormaliz
     return sigma
 
 
-class PowerIterationStarts:
-    """Lets torch.compile trace `module`'s power iterations in its graph (fullgraph) with the eager gradient.
+@dataclass(frozen=True)
+class PowerIteration:
+    """One SN-family estimator of `module`: the qualified names of its raw weight and of itself (its buffers
+    are `<name>.u`, `<name>.v`), and the steps it takes per update."""
 
-    Compiled, a training forward that reads u and also overwrites it in place gets a wrong gradient through
-    the power iteration (1-10% off: AOTAutograd keeps the no-grad copy into u inside the forward graph, and
-    the backward then reads the overwritten u). Here each estimator starts from its own copy `u_start`,
-    which the graph only reads, and writes u, v as before; call `refresh()` before every training forward
-    of the compiled module (after the previous backward): one foreach copy of every u into its u_start.
-    Eval-mode forwards, the state_dict and spectral_report read u, v as always.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        self.estimators = [sub for sub in module.modules() if isinstance(sub, SigmaEstimator)]
-        for estimator in self.estimators:
-            estimator.u_start = estimator.u.clone()
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        if self.estimators:
-            torch._foreach_copy_([estimator.u_start for estimator in self.estimators],
-                                 [estimator.u for estimator in self.estimators])
+    weight: str
+    name: str
+    estimator: SigmaEstimator
+    steps: int
 
 
-@contextmanager
-def frozen_parametrizations(module: nn.Module):
-    """Puts only the parametrizations of `module` (e.g. spectral norm's power iteration) in eval mode.
+def power_iterations(module: nn.Module) -> list[PowerIteration]:
+    names = {id(sub): name for name, sub in module.named_modules()}
+    found = []
+    for name, layer in module.named_modules():
+        spectral, _ = _spectral_parts(layer)
+        if spectral is None:
+            continue
+        weight = f"{name}.parametrizations.weight.original".removeprefix(".")
+        found += [PowerIteration(weight, names[id(estimator)], estimator, spectral.n_power_iterations)
+                  for estimator in spectral.estimators.values()]
+    return found
 
-    Other layers keep their mode: a batch-norm layer in training still normalises by batch statistics.
-    """
-    parametrizations = [p for m in module.modules() if parametrize.is_parametrized(m)
-                        for plist in m.parametrizations.values() for p in plist]
-    modes = [p.training for p in parametrizations]
-    for p in parametrizations:
-        p.train(False)
-    try:
-        yield
-    finally:
-        for p, mode in zip(parametrizations, modes, strict=True):
-            p.train(mode)
+
+@torch.no_grad()
+def advance_power_iterations(module: nn.Module) -> None:
+    """After an optimiser step: every SN-family estimator's stored u, v take their steps on the new raw
+    weight (the official code's spectral_norm_update_ops, run after each D update)."""
+    for item in power_iterations(module):
+        u, v = item.estimator.advanced(module.get_parameter(item.weight), item.estimator.u, item.steps)
+        item.estimator.u.copy_(u)
+        item.estimator.v.copy_(v)

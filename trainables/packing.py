@@ -5,8 +5,10 @@
 copies live as one stacked parameter tensor (K, N) (`torch.func.stack_module_state`, then flattened so that
 the optimiser and the gradient norms are one kernel each), and every forward is
 `torch.func.vmap(torch.func.functional_call)` over the members, which turns each convolution into one grouped
-convolution. Buffers (G's batch-norm statistics, D's power-iteration vectors u, v) are stacked per member and
-updated in place through vmap. `PackedAdam` is torch.optim.Adam's update with each member's own lr and betas.
+convolution. Buffers (G's batch-norm statistics, D's power-iteration vectors u, v) are stacked per member,
+G's updated in place through vmap by its training forwards, D's by a vmapped power-iteration step after each
+D update (trainables.normalization.advance_power_iterations, member by member). `PackedAdam` is
+torch.optim.Adam's update with each member's own lr and betas.
 
 Only the step is packed (`PackedStep`, the vmapped counterpart of train.py's `SingleStep`). Each member is a
 `trainables.trial.Trial`, built, checkpointed, evaluated and logged by the same code as a single trial: the
@@ -50,7 +52,7 @@ from trainables.config import (
 from trainables.diagnostics import gradient_norms
 from trainables.events import StepMonitor, stacked_parameter_norms
 from trainables.losses import discriminator_loss, generator_loss
-from trainables.normalization import SpectralNormalization, frozen_parametrizations
+from trainables.normalization import SpectralNormalization, power_iterations
 from trainables.trial import (
     CHECKPOINT_FILE,
     DStep,
@@ -170,6 +172,7 @@ class StackedNetwork:
             self.load_adam_state(row, module, optimizer)
         self.scales = None if scales is None else torch.tensor(scales, device=device)
         self.spectral = [m for m in self.template.modules() if isinstance(m, SpectralNormalization)]
+        self.power_iterations = power_iterations(self.template)
 
     def parameters(self, *, detach: bool = False) -> dict[str, Tensor]:
         flat = self.flat.detach() if detach else self.flat
@@ -201,6 +204,16 @@ class StackedNetwork:
         finally:
             for module, value in zip(self.spectral, saved, strict=True):
                 module.scale = value
+
+    @torch.no_grad()
+    def advance_power_iterations(self) -> None:
+        """Each member's stored u, v take their steps on its new weights (normalization's, vmapped)."""
+        params = self.parameters(detach=True)
+        for item in self.power_iterations:
+            u, v = vmap(partial(item.estimator.advanced, n_power_iterations=item.steps))(
+                params[item.weight], self.buffers[f"{item.name}.u"])
+            self.buffers[f"{item.name}.u"].copy_(u)
+            self.buffers[f"{item.name}.v"].copy_(v)
 
     def row_norms(self, grad: Tensor) -> Tensor:
         """Each member's total gradient norm (K,): torch.nn.utils.get_total_norm over its parameters."""
@@ -280,20 +293,20 @@ class PackedStep:
         d = self.discriminator
         with torch.no_grad():
             fake = self.generator(z)  # G in training mode: its batch-norm statistics move, as in train.py
-        logits = d(torch.cat([real, fake], dim=1))  # one D forward on real and fake: one power iteration
+        logits = d(torch.cat([real, fake], dim=1))  # one D forward on real and fake, as train.py
         batch = real.shape[1]
         loss = vmap(partial(discriminator_loss, self.loss))(logits[:, :batch], logits[:, batch:])
         (grad,) = torch.autograd.grad(loss.sum(), d.flat)  # members are independent: row k is k's gradient
         grad_norm = d.row_norms(grad)
         layers = self._layer_norms(d, grad, "discriminator", "grad_norm/D") if layer_norms else None
         d.adam.step(d.flat, grad)
+        d.advance_power_iterations()
         return DStep(loss.detach(), grad_norm, stacked_parameter_norms(grad, d.sizes), logits.detach(), fake,
                      layers)
 
     def g_step(self, z: Tensor, *, layer_norms: bool = False) -> GStep:
         g, d = self.generator, self.discriminator
-        with frozen_parametrizations(d.template):  # as train.py: this D forward advances no power iteration
-            logits = d(g(z), detach_parameters=True)
+        logits = d(g(z), detach_parameters=True)  # as train.py: its power iterations are not stored
         loss = vmap(partial(generator_loss, self.loss))(logits)
         (grad,) = torch.autograd.grad(loss.sum(), g.flat)
         grad_norm = g.row_norms(grad)

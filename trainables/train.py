@@ -20,7 +20,7 @@ from trainables.config import TrialConfig, parse_config
 from trainables.diagnostics import gradient_norms
 from trainables.events import parameter_norms
 from trainables.losses import discriminator_loss, generator_loss, gradient_penalty
-from trainables.normalization import PowerIterationStarts, frozen_parametrizations
+from trainables.normalization import advance_power_iterations
 from trainables.trial import (
     DStep,
     GStep,
@@ -61,7 +61,6 @@ class SingleStep:
         torch.compiler.reset()
         compiled_g = torch.compile(self.generator, mode=mode, fullgraph=True)
         compiled_d = torch.compile(self.discriminator, mode=mode, fullgraph=True)
-        power_iteration_starts = PowerIterationStarts(self.discriminator)
 
         # The outputs are copies: CUDA graphs reuse an output's memory once the next compiled call starts,
         # and the loop reads fake and D's output after later calls (the WGAN-GP penalty, logging steps).
@@ -69,7 +68,6 @@ class SingleStep:
             return compiled_g(z).clone()
 
         def train_d(images: Tensor) -> Tensor:
-            power_iteration_starts.refresh()  # where this forward's power iterations start: the current u
             return compiled_d(images).clone()
 
         self.train_g, self.train_d = train_g, train_d
@@ -78,7 +76,7 @@ class SingleStep:
         batch = real.shape[0]
         with torch.no_grad():
             fake = self.train_g(z)
-        # One D forward on real and fake together: one power iteration per D step, as the official code.
+        # One D forward on real and fake together: one σ per D step, as the official code.
         logits = self.train_d(torch.cat([real, fake]))
         loss = discriminator_loss(self.loss, logits[:batch], logits[batch:])
         if self.loss == "wgan_gp":
@@ -90,15 +88,15 @@ class SingleStep:
         grad_norm = torch.linalg.vector_norm(param_norms)  # as get_total_norm: the norm of the norms
         layers = gradient_norms(self.discriminator, "grad_norm/D") if layer_norms else None
         self.opt_d.step()
+        advance_power_iterations(self.discriminator)  # the stored u, v take their steps on the new weights
         return DStep(loss.detach(), grad_norm, param_norms, logits.detach(), fake, layers)
 
     def g_step(self, z: Tensor, *, layer_norms: bool = False) -> GStep:
-        # D's weights need no gradients, only the path through D to G; and, as in the official code, D's
-        # forward here advances no power iteration (u, v as the last D step left them).
+        # D's weights need no gradients, only the path through D to G; D's forward is its training forward,
+        # a power iteration from the stored u that is not stored, as in the official code.
         for p in self.d_params:
             p.requires_grad_(False)
-        with frozen_parametrizations(self.discriminator):
-            loss = generator_loss(self.loss, self.train_d(self.train_g(z)))
+        loss = generator_loss(self.loss, self.train_d(self.train_g(z)))
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         for p in self.d_params:
