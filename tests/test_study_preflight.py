@@ -6,6 +6,7 @@ written to MLflow. Real files in temp folders, a real sqlite tracking store, a r
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -259,7 +260,7 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     write_imagefolder(root / "worker-home" / "data" / "faces")
     (root / "driver-home").mkdir()
-    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
+    temp_dir = tempfile.mkdtemp(prefix="rpf", dir="/tmp")  # Ray's socket paths must stay short
     port = free_port()
     log = root / "ray-start.log"
     env = {**os.environ, "HOME": str(root / "worker-home"), "PYTHONPATH": str(REPOSITORY)}
@@ -285,6 +286,7 @@ def cluster(tmp_path_factory):
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture
