@@ -1,11 +1,12 @@
 """Run a study: `python -m study [--study NAME|PATH] [--set key=value ...] [--resume] [--tracking-uri URI]
 [--storage PATH] [--dry-run]`, or the same as `python study/run.py ...` (the file `ray submit` runs).
 
-Validates the whole spec, the tracking URI and the storage first (exit code 2 and a message naming the
-problem; nothing is started or written). Then joins the Ray cluster it runs on (`ray submit`, $RAY_ADDRESS) or
+Validates the whole spec, the tracking URI and the storage first, then runs the pre-flight
+(study/preflight.py: data, weights, cache, devices, resources; exit code 2 and a message naming each problem;
+nothing is started or written). Then joins the Ray cluster it runs on (`ray submit`, $RAY_ADDRESS) or
 starts a local Ray, creates the study's MLflow parent run, and runs every trial through Ray Tune, printing
 progress.
-`--dry-run` prints the expanded trials and the resources they need, and starts nothing.
+`--dry-run` prints the expanded trials and the resources they need, after the pre-flight, and starts nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from typing import Any
 
 from study import layout
+from study.preflight import check_cluster, preflight
 from study.spec import StudyError, StudySpec, expand_grid, grid_packs, load_spec, trial_config
 from study.tracking import (
     check_storage,
@@ -225,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         storage = resolve_storage(args.storage, spec, cwd)
         check_tracking_uri(tracking_uri)
         check_storage(storage)
+        found = preflight(spec)
+        for warning in found.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         if args.dry_run:
             print_plan(spec, preset, tracking_uri, storage)
             return 0
@@ -232,6 +237,16 @@ def main(argv: list[str] | None = None) -> int:
             check_resume(spec, tracking_uri)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    init_ray()
+    try:  # the pre-flight's part that asks Ray, before the study's first MLflow write
+        for note in check_cluster(spec, found):
+            print(note, flush=True)
+    except StudyError as exc:
+        import ray
+
+        print(f"error: {exc}", file=sys.stderr)
+        ray.shutdown()
         return 2
     return run_study(spec, preset, tracking_uri, storage, args.resume)
 

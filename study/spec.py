@@ -42,6 +42,7 @@ from trainables.config import (
     ConfigError,
     StrictModel,
     TrialConfig,
+    check_seed,
     describe_validation_error,
     merge,
     parse_config,
@@ -129,6 +130,12 @@ class SearchSpec(StrictModel):
     objectives: list[Literal[OBJECTIVES]] = Field(default=["objective"], min_length=1, max_length=2)
     seed: int = 0  # the sampler's own seed, so that a search is reproducible
 
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, seed: int) -> int:
+        check_seed(seed, "search.seed")  # numpy's range, which Optuna's samplers take
+        return seed
+
 
 class SchedulerSpec(StrictModel):
     kind: Literal["asha"] = "asha"  # fed the `objective` of evaluation reports only (always finite)
@@ -185,6 +192,8 @@ class StudySpec(StrictModel):
     def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds must be distinct, got {seeds}")
+        for seed in seeds:
+            check_seed(seed, "seeds")
         return seeds
 
     @property

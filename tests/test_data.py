@@ -18,10 +18,12 @@ from sklearn.datasets import load_digits
 from trainables.config import DATASETS
 from trainables.data import (
     BatchSampler,
+    DatasetFormatError,
     DatasetNotFoundError,
     InMemoryImages,
     load_images,
     real_images,
+    sample_images,
 )
 
 torch.set_num_threads(1)
@@ -473,3 +475,44 @@ def test_real_images_reads_lazily_decoded_files(tmp_path):
     images = real_images(load_images("imagefolder", tmp_path, 16), 10)
     assert images.shape == (3, 3, 16, 16) and images.dtype == torch.uint8
     assert sorted(images[:, 0, 0, 0].tolist()) == [0, 80, 160]
+
+
+# ---- sample_images: the pre-flight's one image of each file or split -----------------------------
+
+def test_sample_images_reads_the_first_image_of_each_cifar10_batch(tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    write_cifar10(tmp_path, images)
+    sampled = sample_images("cifar10", tmp_path, 32)
+    assert torch.equal(sampled, torch.from_numpy(images[::2]).permute(0, 3, 1, 2))  # batches of 2: 0, 2, ...
+
+
+def test_sample_images_reads_the_first_stl10_image_upright_at_the_resolution_asked(tmp_path):
+    images = stl10_images()
+    write_stl10(tmp_path, images)
+    loaded = every_image(load_images("stl10", tmp_path, 48))
+    assert torch.equal(sample_images("stl10", tmp_path, 48), loaded[:1])
+
+
+def test_sample_images_names_a_cifar10_batch_of_another_format(tmp_path):
+    write_cifar10(tmp_path, np.zeros((5, 32, 32, 3), np.uint8))
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(pickle.dumps({b"data": [1, 2]}, protocol=2))
+    with pytest.raises(DatasetFormatError, match=r"data_batch_3: expected a dict whose b'data' is an \(N, "):
+        sample_images("cifar10", tmp_path, 32)
+
+
+def test_a_zero_byte_image_is_refused_at_load_naming_the_file_not_when_a_batch_draws_it(tmp_path):
+    (tmp_path / "a").mkdir()
+    coordinate_image(40, 40).save(tmp_path / "a" / "fine.png")
+    (tmp_path / "a" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(DatasetFormatError, match=r"imagefolder: 1 empty \(zero-byte\) image file\(s\) among "
+                                                 r"the 2: .*a/empty\.jpg; remove or replace them"):
+        load_images("imagefolder", tmp_path, 32)
+
+
+def test_a_data_root_that_is_a_file_is_named_as_such(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for dataset in ("cifar10", "imagefolder"):
+        with pytest.raises(DatasetNotFoundError, match="a-file. data_root is a file; it must be the folder"):
+            sample_images(dataset, tmp_path / "a-file", 32)
+    assert sample_images("digits", tmp_path / "a-file", 32).shape == (1, 3, 32, 32)  # digits needs no root

@@ -53,10 +53,12 @@ def exit_code(argv: list[str]) -> int:
 
 @pytest.fixture
 def edge(tmp_path, monkeypatch):
-    """A clean working folder, no tracking or storage from the environment, and Ray's start forbidden."""
+    """A clean working folder, no tracking or storage from the environment, the study starting its own Ray
+    here (whatever else runs on this machine: the pre-flight checks this one), and Ray's start forbidden."""
     monkeypatch.chdir(tmp_path)
-    for variable in ("MLFLOW_TRACKING_URI", "GAN_STABILITY_STORAGE", "RAY_ADDRESS"):
+    for variable in ("MLFLOW_TRACKING_URI", "GAN_STABILITY_STORAGE"):
         monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "local")
 
     def ray_must_not_start(*args, **kwargs):
         raise AssertionError("bad input reached Ray")

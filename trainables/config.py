@@ -45,6 +45,22 @@ PACK_MEMBER_FIELDS = ("g_lr", "d_lr", "beta1", "beta2", "scale", "seed", "diverg
 PACKED_LOSSES = ("hinge", "non_saturating")
 # Resolutions each architecture is built for (SNGAN's standard CNN: mg = 4, 6, 8; ResNet: 32 and 128 px).
 RESOLUTIONS = {"standard_cnn": (32, 48, 64), "resnet": (32, 128)}
+DEVICES = ("auto", "cpu", "cuda", "cuda:<index>")  # auto: cuda when available, else cpu
+# Named bounds of sizes, (lowest, highest) valid value: a value past its upper bound is a typo, not an
+# experiment, and would fail (or run for ever) only once the trial has started. The lower bounds are each
+# field's own constraint (width's is exclusive: > 0).
+SIZE_BOUNDS: dict[str, tuple[int | float, int | float]] = {
+    "iterations": (1, 10_000_000),  # 12.5x the paper's longest run (STL-10 at n_dis 1, 800k)
+    "batch_size": (2, 8192), "d_batch_size": (2, 8192), "g_batch_size": (2, 8192),  # 128x the paper's 64
+    "width": (0.0, 16.0),  # channels x width: 1.0 is the paper's network (standard CNN: 512 channels at most)
+    "z_dim": (1, 4096),  # 32x the paper's 128
+    "n_dis": (1, 100),  # 20x the paper's 5
+    # Images per evaluation: the full FID protocol's 50k generated vs a whole training set (ImageNet: 1.28M).
+    "eval_generated": (2, 2_000_000), "eval_real": (2, 2_000_000), "eval_generated_is": (2, 2_000_000),
+}
+# Seeds are 32-bit, as numpy's: the trial derives its streams from them (the evaluation's is seed x 1000003 +
+# iteration) and those must stay within torch's 64-bit seed range.
+SEED_MAX = 2**32 - 1
 
 
 # One home for each rule that a TrialConfig and the builders taking these values alone both enforce
@@ -70,6 +86,19 @@ def check_resolution(architecture: str, resolution: int) -> None:
             f"resolution: {resolution!r} px is not built by architecture {architecture!r}; "
             f"valid: {', '.join(map(str, valid))}"
         )
+
+
+def check_seed(seed: int, field: str = "seed") -> None:
+    """A seed (`field` names it) is an int in 0 .. SEED_MAX."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"{field}: {seed!r} is out of range; valid: an int in 0 .. {SEED_MAX} (2**32 - 1)")
+
+
+def check_device(device: str) -> None:
+    """The form of a device name, one of DEVICES (whether this machine has it is for the trial to find)."""
+    kind, _, index = device.partition(":")
+    if not (device in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit())):
+        raise ValueError(f"device: {device!r} is not a device a trial runs on; valid: {', '.join(DEVICES)}")
 
 
 def check_batch_size(batch_size: int, field: str = "batch_size") -> None:
@@ -224,7 +253,7 @@ class TrialConfig(StrictModel):
     cache_dir: str = "~/.cache/gan-stability"  # reference statistics and the digits feature extractor
 
     divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
-    device: str = "auto"  # auto: cuda when available, else cpu
+    device: str = "auto"  # one of DEVICES; auto: cuda when available, else cpu
     # The fast trial: torch.compile the training forwards of G and D (on CUDA with CUDA graphs, mode
     # reduce-overhead, and fused Adam). Matches eager training within float tolerance (tests/test_train.py);
     # the first iterations pay the compilation (about a minute).
@@ -256,6 +285,27 @@ class TrialConfig(StrictModel):
     def _batch_size(cls, batch_size: int) -> int:
         check_batch_size(batch_size)
         return batch_size
+
+    @field_validator(*SIZE_BOUNDS)
+    @classmethod
+    def _within_size_bound(cls, size: int | float | None, info: ValidationInfo) -> int | float | None:
+        low, high = SIZE_BOUNDS[info.field_name]
+        if size is not None and size > high:
+            valid = f"{low} .. {high}" if isinstance(low, int) else f"> {low} and <= {high}"
+            raise ValueError(f"{info.field_name}: {size!r} exceeds its upper bound; valid: {valid}")
+        return size
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, seed: int) -> int:
+        check_seed(seed)
+        return seed
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, device: str) -> str:
+        check_device(device)
+        return device
 
     @field_validator("d_batch_size", "g_batch_size", "eval_generated_is")
     @classmethod

@@ -2,6 +2,8 @@
 
 `load_images(dataset, root, resolution, split=...)` returns an `ImageSource`: (B, 3, R, R) uint8 images by
 index, and the name of the subset it holds (`split`, for the reference statistics' cache key).
+`sample_images` reads one image of each file or split instead, as training would, without loading the dataset:
+the study's pre-flight check that the data is there and readable.
 `BatchSampler` draws training batches from it, uniformly at random with replacement, from a CPU
 `torch.Generator` whose state goes into the trial's checkpoint. `real_images` gives the real images that the
 FID/IS/KID reference statistics are computed from.
@@ -72,6 +74,10 @@ class DatasetNotFoundError(FileNotFoundError):
         return type(self), (self.dataset, self.path, self.how)
 
 
+class DatasetFormatError(ValueError):
+    """A dataset's files are there but not of its format (an empty image, a wrong size); names the file."""
+
+
 class ImageSource(abc.ABC):
     """One dataset at one resolution: images by index as (B, 3, R, R) uint8 (0..255, RGB)."""
 
@@ -113,9 +119,15 @@ class ImageFiles(ImageSource):
 
     Memory: the list of paths only, about 150 bytes a file (CelebA ~25 MB, ImageNet's 1.28M files ~200 MB).
     `crop`: side of the centre square cut before resizing, in px; None: the largest one (the shorter side).
+    An empty (zero-byte) file is refused here, naming it, rather than when a batch first draws it.
     """
 
     def __init__(self, name: str, paths: list[str], resolution: int, crop: int | None, split: str = "train"):
+        empty = [path for path in paths if os.stat(path).st_size == 0]  # one stat a file: ~1 s per 1M
+        if empty:
+            shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+            raise DatasetFormatError(f"{name}: {len(empty)} empty (zero-byte) image file(s) among the "
+                                     f"{len(paths)}: {shown}; remove or replace them")
         self.name = name
         self.resolution = resolution
         self.split = split
@@ -177,14 +189,45 @@ def load_images(
     Raises ValueError for an unknown dataset or split or a resolution <= 0, and DatasetNotFoundError when the
     files are missing (after trying torchvision's downloader, when `download` allows it).
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset: unknown {dataset!r}; valid: {', '.join(DATASETS)}")
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
         raise ValueError(f"resolution: must be an int > 0 (pixels per side), got {resolution!r}")
+    return _load_cached(dataset, _checked_root(dataset, root, split), resolution, download, split)
+
+
+def sample_images(dataset: str, root: str | Path, resolution: int, *, split: str = "all") -> torch.Tensor:
+    """One image of each file or split that `dataset` is read from, as training reads it: (F, 3, R, R) uint8.
+
+    CIFAR-10: the first image of each of its 5 batches; STL-10: its first image; the image-file datasets
+    (CelebA, imagefolder): their first image, every file checked to be non-empty; digits, MNIST: the first
+    image of the loaded set. Seconds, where load_images would read STL-10 whole. Raises as load_images does
+    (nothing is downloaded): DatasetNotFoundError, DatasetFormatError, ValueError, RuntimeError for an
+    undecodable image.
+    """
+    path = _checked_root(dataset, root, split)
+    if dataset == "cifar10":
+        firsts = [_read_cifar10_batch(batch)[:1] for batch in _cifar10_batches(path, download=False)]
+        images = torch.from_numpy(np.concatenate(firsts)).reshape(-1, 3, 32, 32)
+    elif dataset == "stl10":
+        with open(_stl10_file(path, download=False), "rb") as file:
+            stored = np.frombuffer(file.read(STL10_IMAGE_BYTES), np.uint8).reshape(1, 3, 96, 96)
+        images = torch.from_numpy(np.ascontiguousarray(stored.transpose(0, 1, 3, 2)))
+    else:
+        return load_images(dataset, root, resolution, split=split).uint8(torch.tensor([0]))
+    return resize_square(images, resolution)
+
+
+def _checked_root(dataset: str, root: str | Path, split: str) -> Path:
+    """`root` resolved, once the dataset and split are known and root is no file (digits needs no root)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset: unknown {dataset!r}; valid: {', '.join(DATASETS)}")
     valid_splits = CELEBA_SPLITS if dataset == "celeba" else ("all",)
     if split not in valid_splits:
         raise ValueError(f"split: {split!r} is not a split of {dataset}; valid: {', '.join(valid_splits)}")
-    return _load_cached(dataset, Path(root).expanduser().resolve(), resolution, download, split)
+    path = Path(root).expanduser().resolve()
+    if dataset != "digits" and path.exists() and not path.is_dir():
+        raise DatasetNotFoundError(dataset, path, "data_root is a file; it must be the folder the dataset's "
+                                                  "files are in")
+    return path
 
 
 @functools.lru_cache(maxsize=2)  # a trial loads one dataset; a second slot for a second resolution
@@ -202,7 +245,8 @@ def _load_digits(root: Path, resolution: int, download: bool) -> ImageSource:
     return InMemoryImages("digits", resize_square(images, resolution))
 
 
-def _load_cifar10(root: Path, resolution: int, download: bool) -> ImageSource:
+def _cifar10_batches(root: Path, download: bool) -> list[Path]:
+    """The five training batch files, downloaded first when `download` allows and they are missing."""
     folder = root / torchvision.datasets.CIFAR10.base_folder
     if download and not all((folder / name).is_file() for name in CIFAR10_BATCHES):
         _download("cifar10", folder, torchvision.datasets.CIFAR10, root)
@@ -213,8 +257,12 @@ def _load_cifar10(root: Path, resolution: int, download: bool) -> ImageSource:
             f"Missing: {', '.join(missing)}. Extract {torchvision.datasets.CIFAR10.url} into {root}, "
             "or set download: true.",
         )
+    return [folder / name for name in CIFAR10_BATCHES]
+
+
+def _load_cifar10(root: Path, resolution: int, download: bool) -> ImageSource:
     # torchvision's CIFAR10 demands the official md5 sums and unpickles unrestricted: read the files here.
-    batches = [_read_cifar10_batch(folder / name) for name in CIFAR10_BATCHES]
+    batches = [_read_cifar10_batch(path) for path in _cifar10_batches(root, download)]
     images = torch.from_numpy(np.concatenate(batches)).reshape(-1, 3, 32, 32)  # R, G, B planes, row-major
     return InMemoryImages("cifar10", resize_square(images, resolution))
 
@@ -243,11 +291,13 @@ def _read_cifar10_batch(path: Path) -> np.ndarray:
         batch = _CifarUnpickler(file, encoding="bytes").load()  # bytes: Python 2's str keys become b"data"
     data = batch.get(b"data") if isinstance(batch, dict) else None
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3072,)):
-        raise ValueError(f"{path}: expected a dict whose b'data' is an (N, 3072) uint8 array, as CIFAR-10's")
+        raise DatasetFormatError(
+            f"{path}: expected a dict whose b'data' is an (N, 3072) uint8 array, as CIFAR-10's")
     return data
 
 
-def _load_stl10(root: Path, resolution: int, download: bool) -> ImageSource:
+def _stl10_file(root: Path, download: bool) -> Path:
+    """unlabeled_X.bin, downloaded first when `download` allows and it is missing; checked to hold images."""
     path = root / torchvision.datasets.STL10.base_folder / "unlabeled_X.bin"
     if download and not path.is_file():
         _download("stl10", path, torchvision.datasets.STL10, root)
@@ -255,10 +305,16 @@ def _load_stl10(root: Path, resolution: int, download: bool) -> ImageSource:
         raise DatasetNotFoundError(
             "stl10", path, f"Extract {torchvision.datasets.STL10.url} into {root}, or set download: true."
         )
+    size = path.stat().st_size
+    if size == 0 or size % STL10_IMAGE_BYTES:
+        raise DatasetFormatError(f"{path}: {size} bytes is not a whole number (>= 1) of 96x96x3 images")
+    return path
+
+
+def _load_stl10(root: Path, resolution: int, download: bool) -> ImageSource:
+    path = _stl10_file(root, download)
     # torchvision's STL10 demands the official md5 sums and holds all 2.8 GB at 96 px: read the file here.
-    count, remainder = divmod(path.stat().st_size, STL10_IMAGE_BYTES)
-    if remainder:
-        raise ValueError(f"{path}: {path.stat().st_size} bytes is not a whole number of 96x96x3 images")
+    count = path.stat().st_size // STL10_IMAGE_BYTES
     out = torch.empty((count, 3, resolution, resolution), dtype=torch.uint8)
     with open(path, "rb") as file:  # read in chunks: only the resized images stay in memory
         for start in range(0, count, _RESIZE_CHUNK):

@@ -50,9 +50,16 @@ class CheckpointError(OSError):
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of a config's `device` (config.DEVICES); ConfigError when this machine lacks it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        valid = ["auto", "cpu"] + (["cuda"] if count else []) + [f"cuda:{index}" for index in range(count)]
+        raise ConfigError(f"device: {name} does not exist on this machine, which has {count} CUDA device(s); "
+                          f"valid here: {', '.join(valid)}")
+    return device
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:

@@ -14,6 +14,7 @@ images take on an H100 (2.1 s at 4,731 img/s). Steps: images -> features -> stat
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import pickle
 import threading
 import urllib.error
@@ -113,6 +114,16 @@ def resolve_inception_weights(
         except (OSError, RuntimeError) as exc:  # RuntimeError: the hash did not match
             reason = f"download failed: {exc}"
     raise InceptionWeightsMissingError(_missing_message(path, f"not in the torch hub cache; {reason}", url))
+
+
+def check_inception_weights(path: Path) -> None:
+    """InceptionWeightsMissingError unless `path` is torch-fidelity's file: its sha256 starts with
+    INCEPTION_SHA256_PREFIX, as torch.hub checks a download (a fraction of a second for its 91 MB)."""
+    with open(path, "rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    if not digest.startswith(INCEPTION_SHA256_PREFIX):
+        raise InceptionWeightsMissingError(_missing_message(
+            path, f"the file there is another one: its sha256 starts with {digest[:8]}", INCEPTION_URL))
 
 
 def build_extractor(
