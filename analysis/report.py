@@ -30,6 +30,7 @@ from analysis.figures import (
 )
 from study.layout import REPORT_ARTIFACT_PATH
 
+REPORTS = Path("reports")  # where a study's report goes by default, however it is written: reports/<study>/
 MAX_TRIAL_ROWS = 500  # trials listed in the HTML; every trial is in tables/trials.parquet
 
 CELLS_NOTE = (
@@ -61,6 +62,11 @@ th { background: #eef2f7; }
 .meta td { text-align: left; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 6px 0; }
 """
+
+
+def report_folder(study: str) -> Path:
+    """The default output folder of a study's report, relative to the working folder: reports/<study>."""
+    return REPORTS / study
 
 
 def build_report(

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import DatasetInput, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from study import layout
@@ -129,10 +129,12 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> Non
 
 
 def study_experiment(client: MlflowClient, spec: StudySpec) -> str:
-    """The experiment id of the study (created on first use)."""
+    """The experiment id of the study (created on first use), of MLflow's kind for training runs."""
     name = spec.tracking.experiment or spec.name
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment is not None else client.create_experiment(name)
+    experiment_id = experiment.experiment_id if experiment is not None else client.create_experiment(name)
+    client.set_experiment_tag(experiment_id, layout.EXPERIMENT_KIND_TAG, layout.EXPERIMENT_KIND)
+    return experiment_id
 
 
 def latest_parent_run(client: MlflowClient, experiment_id: str, study: str):
@@ -149,7 +151,7 @@ def create_parent_run(client: MlflowClient, experiment_id: str, spec: StudySpec,
     tags = {layout.ROLE_TAG: layout.STUDY_ROLE, layout.STUDY_TAG: spec.name, layout.PRESET_TAG: preset,
             layout.GIT_COMMIT_TAG: git_commit(repository), layout.AXES_TAG: ",".join(spec.axis_names),
             layout.STATUS_TAG: layout.RUNNING, layout.RAY_EXPERIMENT_TAG: ray_experiment,
-            **package_versions()}
+            layout.SOURCE_NAME_TAG: layout.SOURCE_NAME, **package_versions()}
     run = client.create_run(experiment_id, run_name=spec.name, tags=tags)
     values = spec.model_dump(mode="json")
     log_params(client, run.info.run_id, layout.flatten(values))
@@ -193,8 +195,10 @@ class TrialRun:
 
     @classmethod
     def open(cls, client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str,
-             run_name: str, tags: dict[str, str], params: dict[str, str]) -> TrialRun:
-        """Continue the run of the trial (tags cell, seed) under the parent, else create it."""
+             run_name: str, tags: dict[str, str], params: dict[str, str],
+             datasets: Iterable[DatasetInput] = ()) -> TrialRun:
+        """Continue the run of the trial (tags cell, seed) under the parent, else create it with its params
+        and its dataset inputs."""
         started = time.perf_counter()
         run_id = find_trial_run(client, experiment_id, parent_run_id, tags[layout.CELL_TAG],
                                 tags[layout.SEED_TAG])
@@ -206,6 +210,7 @@ class TrialRun:
                         layout.DIVERGENCE_STEP_TAG: "-1", **tags}
             run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
             log_params(client, run_id, params)
+            client.log_inputs(run_id, datasets=list(datasets))
         run = cls(client, run_id)
         if reopened and not run.ended:  # an ended run stays as it was: never reopened, never closed twice
             client.update_run(run_id, status="RUNNING")

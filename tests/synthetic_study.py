@@ -108,7 +108,8 @@ def _write_trial(
         layout.DIVERGENCE_STEP_TAG: str(trial.divergence_step),
     }
     run = client.create_run(
-        experiment_id, start_time=trial.start_ms, tags=tags, run_name=layout.trial_run_name(cell, seed)
+        experiment_id, start_time=trial.start_ms, tags=tags,
+        run_name=layout.trial_run_name({**trial.axes, **trial.bundles}, seed, config.variant),
     )
     run_id = run.info.run_id
     params = [Param(k, v) for k, v in layout.flatten(config.model_dump(mode="json")).items()]
