@@ -30,6 +30,10 @@ from typing import Any
 # (the tag and value its UI reads, mlflow/server/js of MLflow 3.17).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# A view of the runs table saved on the experiment, which MLflow's UI opens at
+# #/experiments/<id>?viewStateShareKey=REVIEW_VIEW (`review_view`: the trials, the columns a reviewer reads).
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+REVIEW_VIEW = "review"
 
 # Tags of both kinds of run
 ROLE_TAG = "role"  # what a run is: STUDY_ROLE or TRIAL_ROLE
@@ -122,6 +126,19 @@ def trial_run_name(point: dict[str, Any], seed: int | str, variant: str) -> str:
 def _short(value: Any) -> str:
     """A swept value as a run name shows it: floats to 4 significant digits (a search draws 17)."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def review_view(swept_params: list[str]) -> dict[str, Any]:
+    """The runs table a reviewer opens (MLflow 3.17 UI's shared view state): the study's trial runs, sorted
+    by PRIMARY_METRIC (lower is better), with their dataset, the swept params (`variant` first) and the
+    outcome, metric and divergence columns; every other column stays a click away."""
+    columns = ["attributes.`Dataset`"]
+    columns += [f"params.`{name}`" for name in dict.fromkeys(["variant", *swept_params])]
+    columns += [f"tags.`{name}`" for name in (STATUS_TAG, DIVERGENCE_CAUSE_TAG, DIVERGENCE_STEP_TAG,
+                                             METRIC_TAG)]
+    columns += [f"metrics.`{name}`" for name in (PRIMARY_METRIC, "iteration")]
+    return {"searchFilter": tag_filter({ROLE_TAG: TRIAL_ROLE}), "orderByKey": f"metrics.`{PRIMARY_METRIC}`",
+            "orderByAsc": True, "selectedColumns": columns}
 
 
 def tag_filter(tags: dict[str, str]) -> str:

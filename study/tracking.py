@@ -5,6 +5,7 @@ The names of its tags, params, statuses and artifacts (what analysis/ reads) are
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from mlflow.entities import DatasetInput, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from study import layout
-from study.spec import StudyError, StudySpec
+from study.spec import Bundle, StudyError, StudySpec
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_STORAGE = "runs"
@@ -153,10 +154,23 @@ def create_parent_run(client: MlflowClient, experiment_id: str, spec: StudySpec,
             layout.STATUS_TAG: layout.RUNNING, layout.RAY_EXPERIMENT_TAG: ray_experiment,
             layout.SOURCE_NAME_TAG: layout.SOURCE_NAME, **package_versions()}
     run = client.create_run(experiment_id, run_name=spec.name, tags=tags)
+    client.set_experiment_tag(experiment_id, layout.SHARED_VIEW_TAG_PREFIX + layout.REVIEW_VIEW,
+                              json.dumps(layout.review_view(swept_fields(spec))))
     values = spec.model_dump(mode="json")
     log_params(client, run.info.run_id, layout.flatten(values))
     client.log_text(run.info.run_id, yaml.safe_dump(values, sort_keys=False), layout.SPEC_ARTIFACT)
     return run.info.run_id
+
+
+def swept_fields(spec: StudySpec) -> list[str]:
+    """The trial-config fields the study's axes set, in the spec's order (a bundle's fields, e.g. `g_lr` and
+    `d_lr` for an `lr` bundle)."""
+    fields: dict[str, None] = {}
+    for axes in spec.axis_sets:
+        for name, axis in axes.items():
+            bundle = axis.bundle.values() if isinstance(axis, Bundle) else [{name: None}]
+            fields |= dict.fromkeys(field for settings in bundle for field in settings)
+    return list(fields)
 
 
 def finish_parent_run(client: MlflowClient, run_id: str, status: str) -> None:
