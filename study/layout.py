@@ -26,14 +26,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-# The experiment's kind: MLflow 3's UI opens a custom_model_development experiment on its runs table
-# (the tag and value its UI reads, mlflow/server/js of MLflow 3.17).
+# The experiment's kind (the tag and value MLflow 3.17's UI reads, mlflow/server/js): a model-training
+# experiment, whose page is its runs table. The 3.17 UI's GenAI / Model training switch (localStorage, or the
+# URL's workflowType) decides first, so `review_path` sets it too.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-# A view of the runs table saved on the experiment, which MLflow's UI opens at
-# #/experiments/<id>?viewStateShareKey=REVIEW_VIEW (`review_view`: the trials, the columns a reviewer reads).
+# A view of the runs table saved on the experiment (the UI's shared views: `review_view`, opened by
+# `review_path`): the trials and the columns a reviewer reads.
 SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 REVIEW_VIEW = "review"
+WORKFLOW_TYPE = "machine_learning"  # the UI switch's "Model training"
 
 # Tags of both kinds of run
 ROLE_TAG = "role"  # what a run is: STUDY_ROLE or TRIAL_ROLE
@@ -130,15 +132,21 @@ def _short(value: Any) -> str:
 
 def review_view(swept_params: list[str]) -> dict[str, Any]:
     """The runs table a reviewer opens (MLflow 3.17 UI's shared view state): the study's trial runs, sorted
-    by PRIMARY_METRIC (lower is better), with their dataset, the swept params (`variant` first) and the
-    outcome, metric and divergence columns; every other column stays a click away."""
-    columns = ["attributes.`Dataset`"]
-    columns += [f"params.`{name}`" for name in dict.fromkeys(["variant", *swept_params])]
+    by PRIMARY_METRIC (lower is better), with the swept params (`variant` first) and the status, divergence
+    and metric columns; every other column (Dataset, Source and the 180 others) stays a click away."""
+    columns = [f"params.`{name}`" for name in dict.fromkeys(["variant", *swept_params])]
     columns += [f"tags.`{name}`" for name in (STATUS_TAG, DIVERGENCE_CAUSE_TAG, DIVERGENCE_STEP_TAG,
                                              METRIC_TAG)]
     columns += [f"metrics.`{name}`" for name in (PRIMARY_METRIC, "iteration")]
+    # columnOrder: in this order, before the rest (else the UI sorts each group's columns by name)
     return {"searchFilter": tag_filter({ROLE_TAG: TRIAL_ROLE}), "orderByKey": f"metrics.`{PRIMARY_METRIC}`",
-            "orderByAsc": True, "selectedColumns": columns}
+            "orderByAsc": True, "selectedColumns": columns, "columnOrder": columns}
+
+
+def review_path(experiment_id: str) -> str:
+    """The UI path (after the server's address) of the experiment's review view, as Model training."""
+    return (f"/#/experiments/{experiment_id}/runs?workflowType={WORKFLOW_TYPE}"
+            f"&viewStateShareKey={REVIEW_VIEW}")
 
 
 def tag_filter(tags: dict[str, str]) -> str:

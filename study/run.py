@@ -176,7 +176,9 @@ def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str, res
     if unfinished > 0:
         print(f"interrupted: {unfinished} trials unfinished; continue with --resume", flush=True)
     print(f"report: {build_report(spec.name, tracking_uri, report_folder(spec.name))}", flush=True)
-    print(f"browse: mlflow ui --backend-store-uri {tracking_uri}", flush=True)
+    browse = (tracking_uri if tracking_uri.startswith(("http://", "https://"))
+              else f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000")
+    print(f"browse: {browse.rstrip('/')}{layout.review_path(experiment_id)}", flush=True)
     return 0 if status == layout.FINISHED else 1
 
 

@@ -61,3 +61,15 @@ def test_layout_imports_neither_mlflow_nor_ray_nor_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True,
                             timeout=60, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPOSITORY)})
     assert result.returncode == 0, result.stderr
+
+
+def test_the_review_view_lists_the_trials_by_primary_metric_variant_first_then_the_swept_params():
+    view = layout.review_view(["g_lr", "d_lr", "beta1", "variant", "scale"])
+    assert view["searchFilter"] == "tags.`role` = 'trial'"
+    assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`primary_metric`", True)
+    assert view["selectedColumns"] == view["columnOrder"] == [
+        "params.`variant`", "params.`g_lr`", "params.`d_lr`", "params.`beta1`", "params.`scale`",
+        "tags.`status`", "tags.`divergence_cause`", "tags.`divergence_step`", "tags.`metric`",
+        "metrics.`primary_metric`", "metrics.`iteration`"]
+    assert layout.review_path("7") == ("/#/experiments/7/runs?workflowType=machine_learning"
+                                       "&viewStateShareKey=review")
