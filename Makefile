@@ -23,7 +23,8 @@ run: install
 lint: install
 	$(PY) -m ruff check .
 
-# Debian's chromium opens the HTML report for the screenshot test (apt needs root; else that test skips).
+# Debian's chromium opens the HTML report and the MLflow UI for the browser tests (apt needs root; else they
+# skip); Playwright drives it.
 test: install
 	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) \
 		|| echo "chromium not installed: the report screenshot test will skip"

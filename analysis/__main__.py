@@ -16,7 +16,7 @@ import mlflow
 
 from analysis.aggregate import AxisError
 from analysis.collect import StudyLookupError, collect
-from analysis.report import log_report, write_report
+from analysis.report import log_report, report_folder, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's default)",
         )
         command.add_argument(
-            "--out", type=Path, default=None, help="output folder (default: outputs/analysis/<study>)"
+            "--out", type=Path, default=None, help="output folder (default: reports/<study>)"
         )
         command.add_argument("--no-log", action="store_true", help="report: do not log to the parent run")
     args = parser.parse_args(argv)
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         tables = collect(uri, study=args.study, run_id=args.run_id, progress=say)
-        out = args.out or Path("outputs/analysis") / tables.meta["study"]
+        out = args.out or report_folder(tables.meta["study"])
         if args.command == "collect":
             tables.write_parquet(out / "tables")
             path = out / "tables"

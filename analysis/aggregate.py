@@ -292,3 +292,28 @@ def setting_table(tables: StudyTables, value: str = "best_metric") -> pd.DataFra
     cells["text"] = cells.apply(paper_text, axis=1)
     return cells.pivot_table(index=rows or None, columns="setting", values="text", aggfunc="first",
                              sort=True).fillna("")
+
+
+def extreme_seeds(tables: StudyTables, value: str = "final_metric") -> pd.DataFrame:
+    """Each cell's best and worst trial, the seeds whose sample grids a reviewer looks at first.
+
+    Ranked as `rank_value` ranks: stable trials before the others, then by `value` (lower is better; IS
+    higher), a missing value last; running and failed trials only where a cell has nothing else. Columns: the
+    cell axes, cell, which ("best" or "worst"; a one-trial cell has only "best"), run_id, seed, outcome,
+    value. One row per (cell, which), cells in cell_summary's order."""
+    axes = cell_axes(tables)
+    trials = tables.trials.assign(outcome=trial_outcomes(tables.trials))
+    sign = -1.0 if higher_is_better(value) else 1.0
+    trials = trials.assign(_unstable=trials["outcome"] != "stable",
+                           _value=(sign * trials[value]).fillna(np.inf))
+    rows = []
+    for _, group in trials.groupby(axes, sort=True, dropna=False) if axes else [((), trials)]:
+        complete = group[group["outcome"].isin(COMPLETE_OUTCOMES)]
+        pool = complete if len(complete) else group
+        ranked = pool.sort_values(["_unstable", "_value", "seed" if "seed" in pool else "run_id"])
+        chosen = [("best", ranked.iloc[0])] + ([("worst", ranked.iloc[-1])] if len(ranked) > 1 else [])
+        for which, trial in chosen:
+            rows.append({**{a: trial[a] for a in axes}, "cell": trial["cell"], "which": which,
+                         "run_id": trial["run_id"], "seed": trial.get("seed", np.nan),
+                         "outcome": trial["outcome"], "value": trial[value]})
+    return pd.DataFrame(rows, columns=[*axes, "cell", "which", "run_id", "seed", "outcome", "value"])

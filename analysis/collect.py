@@ -8,6 +8,7 @@ on an HTTP server; MlflowClient has no bulk method).
 from __future__ import annotations
 
 import ast
+import fnmatch
 import json
 import os
 import tempfile
@@ -629,3 +630,30 @@ def _arrow_type(column: pd.Series) -> pa.DataType:
     if pd.api.types.is_float_dtype(column):
         return pa.float64()
     return pa.string()
+
+
+def fetch_sample_grids(tables: StudyTables, run_ids: Iterable[str], out_dir: str | Path,
+                       workers: int = 4) -> pd.DataFrame:
+    """Download each run's last sample grid (its `layout.SAMPLES_PATTERN` artifact of the highest iteration)
+    into `out_dir/<run_id>/`. Columns: run_id, iteration (-1 and path None for a run that logged none), path.
+    """
+    client = MlflowClient(tables.meta["tracking_uri"])
+    folder = layout.SAMPLES_PATTERN.split("/", 1)[0]
+    out_dir = Path(out_dir)
+
+    def fetch(run_id: str) -> dict[str, Any]:
+        try:
+            grids = sorted(a.path for a in client.list_artifacts(run_id, folder)
+                           if fnmatch.fnmatch(a.path, layout.SAMPLES_PATTERN))
+        except (MlflowException, OSError):
+            grids = []
+        if not grids:
+            return {"run_id": run_id, "iteration": -1, "path": None}
+        last = grids[-1]  # iter_XXXXXXX.png: zero-padded, so the last name is the last iteration
+        (out_dir / run_id).mkdir(parents=True, exist_ok=True)
+        path = client.download_artifacts(run_id, last, str(out_dir / run_id))
+        return {"run_id": run_id, "iteration": int(Path(last).stem.rsplit("_", 1)[-1]), "path": Path(path)}
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        rows = list(pool.map(fetch, dict.fromkeys(run_ids)))
+    return pd.DataFrame(rows, columns=["run_id", "iteration", "path"])

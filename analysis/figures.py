@@ -279,6 +279,37 @@ def plot_traces(
     return fig
 
 
+def plot_layer_trends(trends: pd.DataFrame, *, ylabel: str, title: str, reference: float | None = None,
+                      ncols: int = 4) -> Figure:
+    """One panel per variant, a line per layer: the median over trials of a quantity (analysis.theory's
+    TREND_COLUMNS) against the iteration, its quartiles as a band; log scale; `reference` a dashed line (the
+    prediction)."""
+    variants = sorted(trends["variant"].unique()) or ["(none)"]
+    ncols = min(ncols, len(variants))
+    nrows = -(-len(variants) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.7 * nrows), squeeze=False, sharey=True,
+                             layout="constrained")
+    for ax, variant in zip(axes.flat, variants, strict=False):
+        for layer, lines in trends[trends["variant"] == variant].groupby("layer", sort=True):
+            (line,) = ax.plot(lines["iteration"], lines["median"], linewidth=1, marker=".", markersize=3,
+                              label=layer)
+            ax.fill_between(lines["iteration"], lines["low"], lines["high"], color=line.get_color(),
+                            alpha=0.15)
+        if reference is not None:
+            ax.axhline(reference, color="black", linestyle="--", linewidth=0.8)
+        if (trends["median"] > 0).all() and len(trends):
+            ax.set_yscale("log")
+        ax.set_title(str(variant), fontsize=9)
+        ax.set_xlabel("generator iteration", fontsize=8)
+        ax.legend(fontsize=5)
+    for ax in list(axes.flat)[len(variants):]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel(ylabel)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def save(fig: Figure, out_dir: str | Path, name: str) -> dict[str, Path]:
     """Save as <out_dir>/<name>.png (120 dpi) and .svg, close the figure, return both paths."""
     out_dir = Path(out_dir)

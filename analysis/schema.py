@@ -89,13 +89,13 @@ DIAGNOSTIC_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "key": (pa.string(), "the MLflow metric key, e.g. sigma/blocks.0 or grad_norm/D/blocks.0"),
     "quantity": (
         pa.string(),
-        "sigma, sigma_out, sigma_in, sigma_conv, gamma, grad_norm, grad_x_real, "
-        "grad_x_fake, loss_d, loss_g, d_real or d_fake",
+        "sigma, sigma_out, sigma_in, sigma_conv, gamma, grad_norm, grad_x_real, grad_x_fake, loss_d, loss_g, "
+        "d_real, d_fake, or the theory panel's sigma_raw, sigma_eff, weight_std and weight_std_pred",
     ),
     "network": (pa.string(), "D or G for grad_norm, else ''"),
     "layer": (pa.string(), "module path (blocks.0), or mean/min/max for grad_x_*, '' for totals and losses"),
     "iteration": (pa.int64(), "generator iteration (the MLflow step)"),
-    "value": (pa.float64(), "the logged value (sigma: largest singular value; norms: L2)"),
+    "value": (pa.float64(), "the logged value (sigma: largest singular value; norms: L2; weight_std: std)"),
 }
 
 TABLES: dict[str, dict[str, tuple[pa.DataType, str]]] = {
@@ -112,6 +112,10 @@ DIAGNOSTIC_PREFIXES = (
     "sigma_out/",
     "sigma_in/",
     "sigma_conv/",
+    "sigma_raw/",
+    "sigma_eff/",
+    "weight_std/",
+    "weight_std_pred/",
     "gamma/",
     "grad_norm/",
     "grad_x_real/",

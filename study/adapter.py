@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from ray import tune
 from ray.tune.search.repeater import TRIAL_INDEX
 
@@ -23,6 +28,7 @@ from study import layout
 from study.spec import StudySpec, trial_config
 from study.tracking import TrialRun
 from trainables.config import TrialConfig
+from trainables.metrics.reference import BUILTIN_LOCATIONS, data_location
 from trainables.packing import member_name, train_pack
 from trainables.train import train
 
@@ -81,7 +87,7 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
         return
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
-        log_to_run(run, workdir, metrics, checkpoint_dir)
+        log_to_run(run, workdir, metrics, checkpoint_dir, trial.primary_metric)
         if "objective" not in metrics:
             return
         result = {key: value for key, value in metrics.items() if key != "done"}  # `done` ends a Tune trial
@@ -124,7 +130,7 @@ def run_pack(spec: StudySpec, members: list[tuple[dict[str, Any], int]], context
 
     def member_report(k: int) -> Callable[..., None]:
         def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
-            log_to_run(runs[k], workdir / member_name(k), metrics, checkpoint_dir)
+            log_to_run(runs[k], workdir / member_name(k), metrics, checkpoint_dir, trials[k].primary_metric)
             if "objective" in metrics:
                 objectives[k] = metrics["objective"]
                 evaluated.append(k)
@@ -152,21 +158,38 @@ def restored_checkpoint(workdir: Path) -> Path | None:
 def open_trial_run(spec: StudySpec, context: StudyContext, trial: TrialConfig, point: dict[str, Any],
                    seed: int, trial_id: str, pack_tags: dict[str, str] | None = None) -> TrialRun:
     cell = layout.cell_key(point)
+    run_name = layout.trial_run_name(point, seed, trial.variant)
     # Where Ray placed the trial: the node, the GPUs (fractional trials share one) and its share of them.
     runtime = ray.get_runtime_context()
     placement = {layout.NODE_ID_TAG: runtime.get_node_id(),
                  layout.GPU_IDS_TAG: ",".join(str(gpu) for gpu in ray.get_gpu_ids()),
                  layout.RESOURCES_TAG: json.dumps(runtime.get_assigned_resources(), sort_keys=True)}
-    tags = {layout.STUDY_TAG: spec.name, layout.CELL_TAG: cell, layout.SEED_TAG: str(seed), **placement,
+    tags = {layout.STUDY_TAG: spec.name, layout.CELL_TAG: cell, layout.SEED_TAG: str(seed),
+            layout.METRIC_TAG: trial.primary_metric, layout.SOURCE_NAME_TAG: layout.SOURCE_NAME, **placement,
             **(pack_tags or {})}
     return TrialRun.open(MlflowClient(context.tracking_uri), context.experiment_id, context.parent_run_id,
-                         trial_id, run_name=layout.trial_run_name(cell, seed), tags=tags,
-                         params=layout.flatten(trial.model_dump(mode="json")))
+                         trial_id, run_name=run_name, tags=tags,
+                         params=layout.flatten(trial.model_dump(mode="json")),
+                         datasets=[dataset_input(trial)])
 
 
-def log_to_run(run: TrialRun, workdir: Path, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-    """One report of a trial to its MLflow run: metrics, new sample grids and events, the end."""
-    run.log_report(metrics)
+def dataset_input(trial: TrialConfig) -> DatasetInput:
+    """The trial's training data as an MLflow dataset input: its name and where it is read from (a folder,
+    or the library of a built-in dataset), at the resolution and split it is used at."""
+    location = data_location(trial.dataset, trial.data_root)
+    source = (CodeDatasetSource({"location": location}) if trial.dataset in BUILTIN_LOCATIONS
+              else resolve_dataset_source(location))
+    split = f", {trial.celeba_split}" if trial.dataset == "celeba" else ""
+    dataset = MetaDataset(source, name=f"{trial.dataset} ({trial.resolution} px{split})")
+    context = InputTag(MLFLOW_DATASET_CONTEXT, layout.DATASET_CONTEXT)
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[context])
+
+
+def log_to_run(run: TrialRun, workdir: Path, metrics: dict[str, Any], checkpoint_dir: str | None,
+               primary: str) -> None:
+    """One report of a trial to its MLflow run: metrics (its primary metric `primary` also under
+    layout.PRIMARY_METRIC), new sample grids and events, the end."""
+    run.log_report(metrics | ({layout.PRIMARY_METRIC: metrics[primary]} if primary in metrics else {}))
     if "objective" in metrics or checkpoint_dir is not None:  # evaluations write sample grids
         run.log_new_artifacts(workdir, sorted(path for pattern in ARTIFACT_PATTERNS
                                               for path in workdir.glob(pattern)))

@@ -1,19 +1,22 @@
 """The MLflow layout of a study: every name that study/ writes and analysis/ reads, defined once here.
 
-One experiment per study (`tracking.experiment`, else the study's name), holding:
+One experiment per study (`tracking.experiment`, else the study's name), tagged EXPERIMENT_KIND_TAG =
+EXPERIMENT_KIND so that MLflow's UI opens it on its training runs (not on the GenAI overview), holding:
 - the study's parent run, named after the study. Tags: ROLE_TAG = STUDY_ROLE, STUDY_TAG, PRESET_TAG,
   GIT_COMMIT_TAG, AXES_TAG (the swept axes, comma-separated, `seed` last), STATUS_TAG (one of STUDY_STATUSES),
   RAY_EXPERIMENT_TAG (the Ray Tune experiment's path, which `--resume` restores), VERSION_TAG_PREFIX + each
-  package. Params: the spec, `flatten`ed. Artifacts: SPEC_ARTIFACT; the analysis report under
-  REPORT_ARTIFACT_PATH.
-- one child run per trial (a pack's member too), named `trial_run_name`. Tags: PARENT_RUN_ID_TAG,
-  ROLE_TAG = TRIAL_ROLE, STUDY_TAG, TRIAL_ID_TAG, CELL_TAG (`cell_key` of the trial's axes), SEED_TAG,
-  STATUS_TAG (one of TRIAL_STATUSES), DIVERGED_TAG ("0" or "1"), DIVERGENCE_CAUSE_TAG, DIVERGENCE_STEP_TAG,
-  NODE_ID_TAG, GPU_IDS_TAG, RESOURCES_TAG; a pack's member also PACK_TAG (its Ray trial id) and
-  PACK_MEMBER_TAG (its index); a trial ASHA stopped STOPPED_EARLY_TAG = "1". Params: the TrialConfig,
-  `flatten`ed. Metrics: each report of the trial (trainables/train.py) under its keys, at step = its
-  `iteration`. Artifacts: the files of the trial's folder matching SAMPLES_PATTERN, and EVENTS_ARTIFACT (the
-  divergence events, a JSON list).
+  package, SOURCE_NAME_TAG. Params: the spec, `flatten`ed. Artifacts: SPEC_ARTIFACT; the analysis report
+  under REPORT_ARTIFACT_PATH.
+- one child run per trial (a pack's member too), named `trial_run_name` (variant first). Tags:
+  PARENT_RUN_ID_TAG, ROLE_TAG = TRIAL_ROLE, STUDY_TAG, TRIAL_ID_TAG, CELL_TAG (`cell_key` of the trial's
+  axes), SEED_TAG, STATUS_TAG (one of TRIAL_STATUSES), DIVERGED_TAG ("0" or "1"), DIVERGENCE_CAUSE_TAG,
+  DIVERGENCE_STEP_TAG, NODE_ID_TAG, GPU_IDS_TAG, RESOURCES_TAG; a pack's member also PACK_TAG (its Ray trial
+  id) and PACK_MEMBER_TAG (its index); a trial ASHA stopped STOPPED_EARLY_TAG = "1"; METRIC_TAG (the name of
+  its primary metric); SOURCE_NAME_TAG. Params: the TrialConfig, `flatten`ed. Input: its dataset (name and
+  resolution, context DATASET_CONTEXT). Metrics: each report of the trial (trainables/train.py) under its
+  keys, at step = its `iteration`, and the primary metric's value once more as PRIMARY_METRIC (one column for
+  every study, FID or a surrogate). Artifacts: the files of the trial's folder matching SAMPLES_PATTERN, and
+  EVENTS_ARTIFACT (the divergence events, a JSON list).
 
 Plain Python (no MLflow, Ray or torch), so that the reader, the writer and the tests share it freely.
 """
@@ -23,10 +26,23 @@ from __future__ import annotations
 import json
 from typing import Any
 
+# The experiment's kind (the tag and value MLflow 3.17's UI reads, mlflow/server/js): a model-training
+# experiment, whose page is its runs table. The 3.17 UI's GenAI / Model training switch (localStorage, or the
+# URL's workflowType) decides first, so `review_path` sets it too.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# A view of the runs table saved on the experiment (the UI's shared views: `review_view`, opened by
+# `review_path`): the trials and the columns a reviewer reads.
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+REVIEW_VIEW = "review"
+WORKFLOW_TYPE = "machine_learning"  # the UI switch's "Model training"
+
 # Tags of both kinds of run
 ROLE_TAG = "role"  # what a run is: STUDY_ROLE or TRIAL_ROLE
 STUDY_TAG = "study"  # the study's name
 STATUS_TAG = "status"  # STUDY_STATUSES on the parent, TRIAL_STATUSES on a trial
+SOURCE_NAME_TAG = "mlflow.source.name"  # MLflow's own: the runs table's Source column
+SOURCE_NAME = "study/run.py"
 # Tags of the parent run
 PRESET_TAG = "preset"  # the preset's name, "" for a spec file
 GIT_COMMIT_TAG = "git_commit"  # HEAD's commit, `+dirty` with uncommitted changes
@@ -47,6 +63,11 @@ RESOURCES_TAG = "resources"  # what Ray gave it, as JSON: {"CPU": 1.0, "GPU": 0.
 PACK_TAG = "pack"
 PACK_MEMBER_TAG = "pack_member"
 STOPPED_EARLY_TAG = "stopped_early"
+METRIC_TAG = "metric"  # the name of the trial's primary metric: fid, kid or a surrogate such as fd_digits
+
+# Metrics of a trial's run besides the trial's own report keys
+PRIMARY_METRIC = "primary_metric"  # the value of METRIC_TAG's metric at each evaluation
+DATASET_CONTEXT = "training"  # the context of a trial's dataset input (MLflow's mlflow.data.context)
 
 STUDY_ROLE = "study"
 TRIAL_ROLE = "trial"
@@ -95,9 +116,37 @@ def parse_cell(cell: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in cell.split(",") if "=" in part)
 
 
-def trial_run_name(cell: str, seed: int | str) -> str:
-    """The run name of a trial: its cell and seed, `g_lr=0.0002,variant=sn,seed=0`."""
-    return f"{cell},seed={seed}" if cell else f"seed={seed}"
+def trial_run_name(point: dict[str, Any], seed: int | str, variant: str) -> str:
+    """The run name of a trial, the variant first (MLflow's runs table cuts long names): its variant (the
+    point's label when variant is swept, else the trial's `variant`), then the other swept values in the
+    spec's order, then the seed: {'lr': '1e-3', 'beta1': 0.5, 'variant': 'bssn'} -> `bssn lr=1e-3 beta1=0.5
+    seed=0`."""
+    values = [f"{name}={_short(value)}" for name, value in point.items() if name not in ("variant", "seed")]
+    return " ".join([str(point.get("variant", variant)), *values, f"seed={seed}"])
+
+
+def _short(value: Any) -> str:
+    """A swept value as a run name shows it: floats to 4 significant digits (a search draws 17)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def review_view(swept_params: list[str]) -> dict[str, Any]:
+    """The runs table a reviewer opens (MLflow 3.17 UI's shared view state): the study's trial runs, sorted
+    by PRIMARY_METRIC (lower is better), with the swept params (`variant` first) and the status, divergence
+    and metric columns; every other column (Dataset, Source and the 180 others) stays a click away."""
+    columns = [f"params.`{name}`" for name in dict.fromkeys(["variant", *swept_params])]
+    columns += [f"tags.`{name}`" for name in (STATUS_TAG, DIVERGENCE_CAUSE_TAG, DIVERGENCE_STEP_TAG,
+                                             METRIC_TAG)]
+    columns += [f"metrics.`{name}`" for name in (PRIMARY_METRIC, "iteration")]
+    # columnOrder: in this order, before the rest (else the UI sorts each group's columns by name)
+    return {"searchFilter": tag_filter({ROLE_TAG: TRIAL_ROLE}), "orderByKey": f"metrics.`{PRIMARY_METRIC}`",
+            "orderByAsc": True, "selectedColumns": columns, "columnOrder": columns}
+
+
+def review_path(experiment_id: str) -> str:
+    """The UI path (after the server's address) of the experiment's review view, as Model training."""
+    return (f"/#/experiments/{experiment_id}/runs?workflowType={WORKFLOW_TYPE}"
+            f"&viewStateShareKey={REVIEW_VIEW}")
 
 
 def tag_filter(tags: dict[str, str]) -> str:

@@ -130,7 +130,7 @@ def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str, res
     """Run (or resume) the study under its MLflow parent run; 0 when every trial ended (diverged or not)."""
     from mlflow.tracking import MlflowClient
 
-    from analysis.report import build_report
+    from analysis.report import build_report, report_folder
     from study.adapter import StudyContext, run_trial
     from study.progress import TrialStatusCallback
     from study.tracking import create_parent_run, finish_parent_run, study_experiment
@@ -177,8 +177,10 @@ def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str, res
         print(overhead(frame, driver_cpu_s), flush=True)
     if unfinished > 0:
         print(f"interrupted: {unfinished} trials unfinished; continue with --resume", flush=True)
-    print(f"report: {build_report(spec.name, tracking_uri, Path('reports') / spec.name)}", flush=True)
-    print(f"browse: mlflow ui --backend-store-uri {tracking_uri}", flush=True)
+    print(f"report: {build_report(spec.name, tracking_uri, report_folder(spec.name))}", flush=True)
+    browse = (tracking_uri if tracking_uri.startswith(("http://", "https://"))
+              else f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000")
+    print(f"browse: {browse.rstrip('/')}{layout.review_path(experiment_id)}", flush=True)
     return 0 if status == layout.FINISHED else 1
 
 

@@ -5,6 +5,7 @@ The names of its tags, params, statuses and artifacts (what analysis/ reads) are
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -19,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import DatasetInput, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from study import layout
-from study.spec import StudyError, StudySpec
+from study.spec import Bundle, StudyError, StudySpec
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_STORAGE = "runs"
@@ -129,10 +130,12 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> Non
 
 
 def study_experiment(client: MlflowClient, spec: StudySpec) -> str:
-    """The experiment id of the study (created on first use)."""
+    """The experiment id of the study (created on first use), of MLflow's kind for training runs."""
     name = spec.tracking.experiment or spec.name
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment is not None else client.create_experiment(name)
+    experiment_id = experiment.experiment_id if experiment is not None else client.create_experiment(name)
+    client.set_experiment_tag(experiment_id, layout.EXPERIMENT_KIND_TAG, layout.EXPERIMENT_KIND)
+    return experiment_id
 
 
 def latest_parent_run(client: MlflowClient, experiment_id: str, study: str):
@@ -149,12 +152,25 @@ def create_parent_run(client: MlflowClient, experiment_id: str, spec: StudySpec,
     tags = {layout.ROLE_TAG: layout.STUDY_ROLE, layout.STUDY_TAG: spec.name, layout.PRESET_TAG: preset,
             layout.GIT_COMMIT_TAG: git_commit(repository), layout.AXES_TAG: ",".join(spec.axis_names),
             layout.STATUS_TAG: layout.RUNNING, layout.RAY_EXPERIMENT_TAG: ray_experiment,
-            **package_versions()}
+            layout.SOURCE_NAME_TAG: layout.SOURCE_NAME, **package_versions()}
     run = client.create_run(experiment_id, run_name=spec.name, tags=tags)
+    client.set_experiment_tag(experiment_id, layout.SHARED_VIEW_TAG_PREFIX + layout.REVIEW_VIEW,
+                              json.dumps(layout.review_view(swept_fields(spec))))
     values = spec.model_dump(mode="json")
     log_params(client, run.info.run_id, layout.flatten(values))
     client.log_text(run.info.run_id, yaml.safe_dump(values, sort_keys=False), layout.SPEC_ARTIFACT)
     return run.info.run_id
+
+
+def swept_fields(spec: StudySpec) -> list[str]:
+    """The trial-config fields the study's axes set, in the spec's order (a bundle's fields, e.g. `g_lr` and
+    `d_lr` for an `lr` bundle)."""
+    fields: dict[str, None] = {}
+    for axes in spec.axis_sets:
+        for name, axis in axes.items():
+            bundle = axis.bundle.values() if isinstance(axis, Bundle) else [{name: None}]
+            fields |= dict.fromkeys(field for settings in bundle for field in settings)
+    return list(fields)
 
 
 def finish_parent_run(client: MlflowClient, run_id: str, status: str) -> None:
@@ -193,8 +209,10 @@ class TrialRun:
 
     @classmethod
     def open(cls, client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str,
-             run_name: str, tags: dict[str, str], params: dict[str, str]) -> TrialRun:
-        """Continue the run of the trial (tags cell, seed) under the parent, else create it."""
+             run_name: str, tags: dict[str, str], params: dict[str, str],
+             datasets: Iterable[DatasetInput] = ()) -> TrialRun:
+        """Continue the run of the trial (tags cell, seed) under the parent, else create it with its params
+        and its dataset inputs."""
         started = time.perf_counter()
         run_id = find_trial_run(client, experiment_id, parent_run_id, tags[layout.CELL_TAG],
                                 tags[layout.SEED_TAG])
@@ -206,6 +224,7 @@ class TrialRun:
                         layout.DIVERGENCE_STEP_TAG: "-1", **tags}
             run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
             log_params(client, run_id, params)
+            client.log_inputs(run_id, datasets=list(datasets))
         run = cls(client, run_id)
         if reopened and not run.ended:  # an ended run stays as it was: never reopened, never closed twice
             client.update_run(run_id, status="RUNNING")

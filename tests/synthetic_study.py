@@ -6,11 +6,15 @@ in advance. Test code only: nothing in study/, trainables/ or analysis/ imports 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+from matplotlib.image import imsave
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
@@ -37,6 +41,15 @@ class SyntheticTrial:
     wall_time_s: float = 60.0
     config: dict[str, Any] = field(default_factory=dict)  # other TrialConfig fields (dataset, metrics, ...)
     bundles: dict[str, str] = field(default_factory=dict)  # bundle axes' labels ({"lr": "1e-3"}): cell tag
+    samples: Sequence[int] = ()  # iterations whose sample grid (layout.SAMPLES_PATTERN) the trial logged
+
+
+def sample_grid(seed: int, iteration: int) -> np.ndarray:
+    """A real 64 x 64 RGB image standing for a trial's sample grid: 8 x 8 tiles whose colour encodes the
+    seed (red) and the iteration (green), so a reader can tell which grid it was given."""
+    tiles = np.indices((8, 8)).sum(axis=0) % 2
+    rgb = np.stack([np.full((8, 8), seed / 10), np.full((8, 8), iteration / 1000), tiles * 0.5], axis=-1)
+    return np.kron(rgb, np.ones((8, 8, 1))).clip(0, 1)
 
 
 def write_study(
@@ -108,7 +121,8 @@ def _write_trial(
         layout.DIVERGENCE_STEP_TAG: str(trial.divergence_step),
     }
     run = client.create_run(
-        experiment_id, start_time=trial.start_ms, tags=tags, run_name=layout.trial_run_name(cell, seed)
+        experiment_id, start_time=trial.start_ms, tags=tags,
+        run_name=layout.trial_run_name({**trial.axes, **trial.bundles}, seed, config.variant),
     )
     run_id = run.info.run_id
     params = [Param(k, v) for k, v in layout.flatten(config.model_dump(mode="json")).items()]
@@ -148,6 +162,12 @@ def _write_trial(
         client.log_batch(run_id, metrics=metrics[start : start + BATCH_ENTRIES])
     if trial.events:
         client.log_text(run_id, json.dumps(list(trial.events)), layout.EVENTS_ARTIFACT)
+    with tempfile.TemporaryDirectory() as folder:
+        for iteration in trial.samples:
+            path = Path(folder) / layout.SAMPLES_PATTERN.replace("*", f"{iteration:07d}")
+            path.parent.mkdir(exist_ok=True)
+            imsave(path, sample_grid(seed, iteration), format="png")
+            client.log_artifact(run_id, str(path), path.parent.name)
     if trial.status != layout.RUNNING:
         client.set_terminated(
             run_id,
@@ -171,6 +191,9 @@ def reference_trials() -> list[SyntheticTrial]:
     At beta1 = 0.0 every seed finishes with finals base + (0, 1, 2, 3, 4): base 30 (1e-4, sn), 40 (2e-4, sn),
     50 (1e-4, bsn), 60 (2e-4, bsn). Diverged trials evaluate once at iteration 250 (value 40) and carry one
     events.json event; the 1e-4/sn/0.5 trials log sigma and gradient-norm diagnostics every 50 iterations.
+    Theory panel: the 1e-4/sn/0.5 trials' effective std equals its prediction (0.05) throughout and their
+    sigma_conv is 1.5 x sigma_raw at each evaluation; the 1e-4/bsn/0.0 trials' std drifts from its prediction
+    (0.04) to twice it by iteration 1000. Every trial logs a sample grid (`sample_grid`) at each evaluation.
     """
     trials = []
 
@@ -180,6 +203,7 @@ def reference_trials() -> list[SyntheticTrial]:
             SyntheticTrial(
                 axes={"g_lr": g_lr, "beta1": beta1, "variant": variant, "seed": seed},
                 evals=evals,
+                samples=[iteration for iteration, _ in evals],
                 start_ms=1_700_000_000_000 + 1000 * len(trials),
                 **kwargs,
             )
@@ -201,7 +225,17 @@ def reference_trials() -> list[SyntheticTrial]:
         "grad_norm/D/blocks.0": [(i, 0.1 + i / 10_000) for i in steps],
         "grad_norm/D": [(i, 0.5) for i in steps],
         "grad_norm/G": [(i, 0.7) for i in steps],
+        "grad_norm/G/blocks.0": [(i, 0.2) for i in steps],
         "grad_x_real/mean": [(i, 0.3) for i in steps],
+        "weight_std/blocks.0": [(i, 0.05) for i in steps],
+        "weight_std_pred/blocks.0": [(i, 0.05) for i in steps],
+        "sigma_raw/blocks.0": [(i, 2.0 + i / 1000) for i in steps],
+        "sigma_eff/blocks.0": [(i, 1.0) for i in steps],
+        "sigma_conv/blocks.0": [(i, 1.5 * (2.0 + i / 1000)) for i in (500, 1000)],
+    }
+    drifting = {
+        "weight_std/blocks.0": [(i, 0.04 * (1 + i / 1000)) for i in steps],
+        "weight_std_pred/blocks.0": [(i, 0.04) for i in steps],
     }
     for seed, final in enumerate((10, 12, 14, 16, 18)):
         add(
@@ -236,5 +270,6 @@ def reference_trials() -> list[SyntheticTrial]:
         (2e-4, "bsn"): 60,
     }.items():
         for seed in range(5):
-            add(g_lr, 0.0, variant, seed, base + seed)
+            theory = {"diagnostics": drifting} if (g_lr, variant) == (1e-4, "bsn") else {}
+            add(g_lr, 0.0, variant, seed, base + seed, **theory)
     return trials

@@ -23,11 +23,13 @@ from analysis.figures import (
     heatmap_data,
     plot_curves,
     plot_heatmaps,
+    plot_layer_trends,
     plot_traces,
     report_pairs,
     save,
     trace_data,
 )
+from analysis.theory import conv_ratio_trends, gradient_trends, std_ratio_trends
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +141,8 @@ def test_traces_draw_the_diagnostics_of_the_chosen_trials(tables, tmp_path):
     chosen = choose_trials(tables)
     trials = tables.trials.set_index("run_id")
     assert trials.loc[chosen[0], "divergence_step"] == 100  # the earliest divergence comes first
-    with_diag = tables.diagnostics["run_id"].unique()[:1].tolist()
+    diagnostics = tables.diagnostics
+    with_diag = diagnostics.loc[diagnostics["quantity"] == "sigma", "run_id"].unique()[:1].tolist()
     fig = plot_traces(tables, with_diag)
     sigma = {line.get_label(): line for line in fig.axes[0].lines}
     expected = trace_data(tables, with_diag, ["sigma"])
@@ -149,3 +152,22 @@ def test_traces_draw_the_diagnostics_of_the_chosen_trials(tables, tmp_path):
     paths = save(fig, tmp_path, "traces")
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"<svg" in paths["svg"].read_bytes()[:500]
+
+
+def test_theory_trends_draw_each_variants_layers_beside_the_prediction(tables):
+    std = std_ratio_trends(tables).set_index(["variant", "layer", "iteration"])
+    assert (std.loc["sn", "median"] == 1).all()  # held at its prediction throughout
+    assert std.loc[("bsn", "blocks.0", 0), "median"] == 1
+    assert std.loc[("bsn", "blocks.0", 1000), "median"] == 2
+    assert std.loc[("bsn", "blocks.0", 1000), "n_trials"] == 5
+    conv = conv_ratio_trends(tables)
+    assert conv["variant"].unique().tolist() == ["sn"] and np.allclose(conv["median"], 1.5)
+    assert conv["iteration"].tolist() == [500, 1000]
+    assert np.allclose(gradient_trends(tables, "G")["median"], 0.2)
+    fig = plot_layer_trends(std.reset_index(), ylabel="std / prediction", title="t", reference=1.0)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["bsn", "sn"]
+    [drift] = [line for line in panels[0].lines if line.get_label() == "blocks.0"]
+    assert np.allclose(drift.get_ydata(), std.loc[("bsn", "blocks.0"), "median"])
+    assert [line.get_ydata()[0] for line in panels[1].lines if line.get_label().startswith("_")] == [1.0]
+    plt.close(fig)

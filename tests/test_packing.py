@@ -179,7 +179,7 @@ def test_member_checkpoint_resumes_alone_in_train(float64_runs):
     assert [r["iteration"] for r in alone.reports] == [125, 150, 175, 200]
     for actual, expected in zip(alone.reports, member.reports[-4:], strict=True):
         # sigma_conv's power iteration starts warm from the previous evaluation's vector, which no checkpoint
-        # holds; it stops at a relative change of 1e-4 per 10 steps (normalization._conv_operator_sigma).
+        # holds; it stops at a relative change of 1e-4 per 10 steps (diagnostics.ConvOperatorProbe).
         conv = {key for key in expected if key.startswith("sigma_conv/")}
         assert_close_reports({k: v for k, v in actual.items() if k not in conv},
                              {k: v for k, v in expected.items() if k not in conv}, FLOAT64_RTOL)

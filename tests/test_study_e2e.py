@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +14,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from study import layout
 from study.run import main
 
 REPOSITORY = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TINY_BASE = ("base: {dataset: digits, device: cpu, width: 0.125, batch_size: 16, iterations: %d, "
              "log_every: 5, eval_every: 10, checkpoint_every: 10, eval_generated: 100, eval_real: 100}\n")
 
@@ -23,14 +29,22 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
     return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
 
 
-@pytest.mark.slow
-def test_small_study_writes_a_parent_run_and_one_child_run_per_trial(ray_local, mlflow_server, tmp_path,
-                                                                     monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    spec = tmp_path / "e2e.yaml"
+@pytest.fixture(scope="module")
+def small_study(ray_local, mlflow_server, tmp_path_factory):
+    """The folder a two-trial study (variant none and sn, one seed, 20 iterations) ran in."""
+    folder = tmp_path_factory.mktemp("e2e")
+    spec = folder / "e2e.yaml"
     spec.write_text("name: e2e\n" + TINY_BASE % 20 + "axes:\n  variant: [none, sn]\nseeds: 1\n")
-    argv = ["--study", str(spec), "--tracking-uri", mlflow_server, "--storage", str(tmp_path / "ray")]
-    assert main(argv) == 0
+    argv = ["--study", str(spec), "--tracking-uri", mlflow_server, "--storage", str(folder / "ray")]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        assert main(argv) == 0
+    return folder
+
+
+@pytest.mark.slow
+def test_small_study_writes_a_parent_run_and_one_child_run_per_trial(small_study, mlflow_server):
+    folder = small_study
 
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("e2e")
@@ -57,6 +71,43 @@ def test_small_study_writes_a_parent_run_and_one_child_run_per_trial(ray_local, 
         samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
         assert samples == ["samples/iter_0000010.png", "samples/iter_0000020.png"]
         assert "events.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+        # what a reviewer reads first in MLflow's runs table
+        assert run.info.run_name == f"{params['variant']} seed=0"
+        assert (tags[layout.METRIC_TAG], tags[layout.SOURCE_NAME_TAG]) == ("fd_digits", "study/run.py")
+        assert [m.value for m in client.get_metric_history(run.info.run_id, layout.PRIMARY_METRIC)] == [
+            m.value for m in client.get_metric_history(run.info.run_id, "fd_digits")]
+        [dataset] = run.inputs.dataset_inputs
+        assert dataset.dataset.name == "digits (32 px)"
+        assert [(t.key, t.value) for t in dataset.tags] == [("mlflow.data.context", "training")]
+        assert any(key.startswith("weight_std_pred/") for key in run.data.metrics)  # the theory panel
+    assert experiment.tags[layout.EXPERIMENT_KIND_TAG] == layout.EXPERIMENT_KIND
+    view = json.loads(experiment.tags[layout.SHARED_VIEW_TAG_PREFIX + layout.REVIEW_VIEW])
+    assert view["searchFilter"] == "tags.`role` = 'trial'" and "params.`variant`" in view["selectedColumns"]
+    report = (folder / "reports" / "e2e" / "report.html").read_text()
+    assert "<h2>Theory: the paper's predictions beside the measurements</h2>" in report
+    assert report.count('<img alt="samples ') == 2  # one seed per cell: its best is its worst
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no `chromium` binary on PATH (apt-get install -y chromium)")
+def test_mlflow_ui_opens_the_review_view_on_the_trials_with_the_documented_columns(small_study,
+                                                                                    mlflow_server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    experiment = MlflowClient(mlflow_server).get_experiment_by_name("e2e")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 2400, "height": 1000})  # every column laid out
+            page.goto(mlflow_server + layout.review_path(experiment.experiment_id))
+            page.get_by_text("2 matching runs").wait_for(timeout=60_000)
+            headers = set(page.locator("[role=columnheader]").all_inner_texts())
+            names = page.locator("[role=gridcell] a", has_text="seed=0").all_inner_texts()
+        finally:
+            browser.close()
+    # The columns README.md's "What a reviewer finds in MLflow" lists, the trials only, variant first.
+    assert {"Run Name", "variant", "status", "divergence_cause", "divergence_step", "metric",
+            "primary_metric", "iteration"} <= headers
+    assert sorted(names) == ["none seed=0", "sn seed=0"]
 
 
 @pytest.mark.slow

@@ -25,8 +25,14 @@ def test_cell_key_sorts_axis_names_and_leaves_out_the_seed_and_parses_back():
     cell = layout.cell_key({"variant": "sn", "g_lr": 0.0002, "seed": 3})
     assert cell == "g_lr=0.0002,variant=sn"
     assert layout.parse_cell(cell) == {"g_lr": "0.0002", "variant": "sn"}
-    assert layout.trial_run_name(cell, 3) == "g_lr=0.0002,variant=sn,seed=3"
-    assert layout.trial_run_name("", 0) == "seed=0"
+
+
+
+def test_a_trial_run_name_reads_variant_first_then_the_swept_values_in_the_specs_order():
+    point = {"lr": "1e-3", "beta1": 0.5, "variant": "bssn", "seed": 1}
+    assert layout.trial_run_name(point, 1, "bssn") == "bssn lr=1e-3 beta1=0.5 seed=1"
+    assert layout.trial_run_name({"g_lr": 0.000123456789}, 0, "sn") == "sn g_lr=0.0001235 seed=0"
+    assert layout.trial_run_name({}, 0, "none") == "none seed=0"
 
 
 def test_tag_filter_finds_values_with_either_quote_and_refuses_both(tmp_path):
@@ -55,3 +61,15 @@ def test_layout_imports_neither_mlflow_nor_ray_nor_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True,
                             timeout=60, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPOSITORY)})
     assert result.returncode == 0, result.stderr
+
+
+def test_the_review_view_lists_the_trials_by_primary_metric_variant_first_then_the_swept_params():
+    view = layout.review_view(["g_lr", "d_lr", "beta1", "variant", "scale"])
+    assert view["searchFilter"] == "tags.`role` = 'trial'"
+    assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`primary_metric`", True)
+    assert view["selectedColumns"] == view["columnOrder"] == [
+        "params.`variant`", "params.`g_lr`", "params.`d_lr`", "params.`beta1`", "params.`scale`",
+        "tags.`status`", "tags.`divergence_cause`", "tags.`divergence_step`", "tags.`metric`",
+        "metrics.`primary_metric`", "metrics.`iteration`"]
+    assert layout.review_path("7") == ("/#/experiments/7/runs?workflowType=machine_learning"
+                                       "&viewStateShareKey=review")

@@ -31,6 +31,9 @@ VARIANTS = (
 SCALED_VARIANTS = ("ssn", "bssn", "strict_sn")  # the variants that take the paper's constant c (`scale`)
 LOSSES = ("hinge", "non_saturating", "wgan_gp")
 METRICS = ("fid", "is", "kid", "fd_digits")
+# Metrics that stand in for FID offline, and what they are (a report marks them so).
+SURROGATE_METRICS = {"fd_digits": "offline surrogate: the Fréchet distance in a small digits classifier's "
+                                  "features, not FID"}
 DIVERGENCE_CAUSES = (
     "nonfinite_loss", "nonfinite_grad", "grad_explosion", "grad_spike", "grad_vanishing",
     "fid_blowup", "d_saturation", "mode_collapse",

@@ -1,6 +1,7 @@
 """What the official BSN code logs, as flat `name -> float` dicts: σ per layer, gradient norms per layer,
-‖∇ₓD(x)‖ on real and fake images; and at each evaluation the sample grid, its diversity relative to real
-images' and, on digit data, the classes it covers (`DiversityProbe`).
+‖∇ₓD(x)‖ on real and fake images; the paper's theory measured on every variant's D (`theory_metrics` at
+logging steps, `ConvOperatorProbe` at evaluations); and at each evaluation the sample grid, its diversity
+relative to real images' and, on digit data, the classes it covers (`DiversityProbe`).
 
 Everything here synchronises with the host, so it runs at logging and evaluation steps only.
 """
@@ -17,7 +18,14 @@ from torchvision.utils import save_image
 
 from trainables.files import atomic_path
 from trainables.metrics.fd_digits import DigitsFeatureExtractor, ink_box
-from trainables.normalization import spectral_report
+from trainables.normalization import (
+    LAYER_TYPES,
+    conv_operator_sigma,
+    raw_weight,
+    record_input_shapes,
+    spectral_report,
+    weight_report,
+)
 
 DIGIT_DATASETS = ("digits", "mnist")  # datasets whose samples the digits classifier can label
 DIGIT_CLASSES = 10
@@ -65,16 +73,63 @@ def input_gradient_norms(discriminator: nn.Module, images: torch.Tensor, prefix:
             f"{prefix}/max": float(norms.max())}
 
 
-def spectral_metrics(discriminator: nn.Module, *, conv_operator: bool = False) -> dict[str, float]:
-    """σ of every normalized layer as `sigma/<layer>`, `sigma_out/...`, `sigma_in/...`, `gamma/...`, and with
-    conv_operator=True only `sigma_conv/<layer>` (the convolution operator's σ, computed on demand)."""
-    wanted = ("sigma_conv",) if conv_operator else ("sigma", "sigma_out", "sigma_in", "gamma")
+def spectral_metrics(discriminator: nn.Module) -> dict[str, float]:
+    """σ of every SN-family layer as the official code logs it: `sigma/<layer>` (what the layer divides by),
+    `sigma_out/...`, `sigma_in/...` (both reshapes of the raw weight) and `gamma/...`."""
     metrics = {}
-    for layer, entries in spectral_report(discriminator, conv_operator=conv_operator).items():
-        for key in wanted:
+    for layer, entries in spectral_report(discriminator).items():
+        for key in ("sigma", "sigma_out", "sigma_in", "gamma"):
             if entries.get(key) is not None:
                 metrics[f"{key}/{layer}"] = float(entries[key])
     return metrics
+
+
+THEORY_QUANTITIES = ("sigma_raw", "sigma_eff", "weight_std", "weight_std_pred")
+
+
+def theory_metrics(discriminator: nn.Module) -> dict[str, float]:
+    """The paper's theory per D layer, every variant (trainables.normalization.weight_report):
+    `sigma_raw/<layer>`, `sigma_eff/<layer>`, `weight_std/<layer>` and its prediction
+    `weight_std_pred/<layer>`. One host sync for all layers."""
+    report = weight_report(discriminator)
+    keys = [f"{quantity}/{layer}" for layer in report for quantity in THEORY_QUANTITIES]
+    if not keys:
+        return {}
+    values = torch.stack([report[layer][quantity].float().reshape(())
+                          for layer in report for quantity in THEORY_QUANTITIES]).tolist()
+    return dict(zip(keys, values, strict=True))
+
+
+class ConvOperatorProbe:
+    """σ of each D layer's convolution operator (its raw weight, bias left out, at the layer's input size) as
+    `sigma_conv/<layer>`, every variant; Linear layers: their matrix σ. The layer's Lipschitz constant is
+    sigma_conv · sigma_eff / sigma_raw; strict_sn divides by sigma_conv, the SN reshape σ is smaller.
+
+    Built once per trial on its normalized D with a batch example_input (B, C, H, W); each call starts each
+    layer's power iteration from the previous call's vector (kept here, not in any checkpoint), so calls after
+    the first need a few steps instead of hundreds.
+    """
+
+    def __init__(self, discriminator: nn.Module, example_input: torch.Tensor):
+        shapes = record_input_shapes(discriminator, example_input)
+        self.layers = [(name, layer, shapes.get(layer)) for name, layer in discriminator.named_modules()
+                       if isinstance(layer, LAYER_TYPES)]
+        self.starts: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self) -> dict[str, float]:
+        sigmas = {}
+        for name, layer, input_shape in self.layers:
+            weight = raw_weight(layer).detach()
+            if not bool(torch.isfinite(weight).all()):  # a diverged weight has no σ to find
+                continue
+            if isinstance(layer, nn.Linear):
+                sigmas[name] = torch.linalg.matrix_norm(weight.float(), ord=2)
+            elif input_shape is not None:
+                sigmas[name], self.starts[name] = conv_operator_sigma(layer, name, input_shape, weight,
+                                                                      self.starts.get(name))
+        values = torch.stack([s.float().reshape(()) for s in sigmas.values()]).tolist() if sigmas else []
+        return {f"sigma_conv/{name}": value for name, value in zip(sigmas, values, strict=True)}
 
 
 def sample_diversity(images: torch.Tensor) -> float:

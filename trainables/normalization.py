@@ -57,7 +57,10 @@ from torch.nn.utils import parametrize
 
 from trainables.config import VARIANTS, check_scale
 
-__all__ = ["VARIANTS", "advance_power_iterations", "normalize", "power_iterations", "spectral_report"]
+__all__ = [
+    "VARIANTS", "advance_power_iterations", "conv_operator_sigma", "normalize", "power_iterations",
+    "raw_weight", "record_input_shapes", "spectral_report", "weight_report",
+]
 
 LAYER_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 CONV_TYPES = (nn.Conv2d, nn.ConvTranspose2d)
@@ -271,7 +274,7 @@ def normalize(module: nn.Module, variant: str, *, scale: float = 1.0, n_power_it
     if variant == "strict_sn" and example_input is None:
         raise ValueError("example_input: strict_sn needs each layer's input size; pass a batch for the whole "
                          "module, e.g. torch.zeros(1, 3, 32, 32)")
-    input_shapes = _record_input_shapes(module, example_input) if example_input is not None else {}
+    input_shapes = record_input_shapes(module, example_input) if example_input is not None else {}
 
     if variant == "weight_norm":
         for layer in layers.values():
@@ -304,8 +307,9 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _record_input_shapes(module: nn.Module, example_input: torch.Tensor) -> dict[nn.Module, torch.Size]:
-    """Each Conv2d / ConvTranspose2d / Linear's input shape on its first call, in execution order."""
+def record_input_shapes(module: nn.Module, example_input: torch.Tensor) -> dict[nn.Module, torch.Size]:
+    """Each Conv2d / ConvTranspose2d / Linear's input shape on its first call, in execution order: one
+    eval-mode forward of example_input (B, C, H, W) without gradients, which changes no state."""
     if not isinstance(example_input, torch.Tensor):
         raise ValueError("example_input: must be a tensor batch (B, C, H, W), "
                          f"got {type(example_input).__name__}")
@@ -384,7 +388,7 @@ def _exact_sigma(weight: torch.Tensor, row_dim: int) -> torch.Tensor:
     matrix = _as_matrix(weight, row_dim).float()
     gram = matrix @ matrix.mT if matrix.shape[0] <= matrix.shape[1] else matrix.mT @ matrix
     if not torch.isfinite(gram).all():  # a diverged weight: report NaN rather than fail the eigensolver
-        return torch.tensor(float("nan"))
+        return torch.full((), float("nan"), device=gram.device)
     return torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt()
 
 
@@ -434,9 +438,77 @@ def spectral_report(module: nn.Module, *, conv_operator: bool = False) -> dict[s
             for name, entry in entries.items()}
 
 
-def _conv_operator_sigma(layer: nn.Module, name: str, spectral: SpectralNormalization, weight: torch.Tensor,
-                         rtol: float = 1e-4, max_steps: int = 2000, check_every: int = 10) -> torch.Tensor:
-    """σ of the layer's conv operator at its recorded input size, by power iteration until converged.
+def raw_weight(layer: nn.Module) -> torch.Tensor:
+    """The tensor of the weight's shape that the optimiser steps: the SN family's `original`, weight_norm's
+    direction v (`original1`), else the weight itself."""
+    if not parametrize.is_parametrized(layer, "weight"):
+        return layer.weight
+    originals = layer.parametrizations.weight
+    return originals.original1 if hasattr(originals, "original1") else originals.original
+
+
+@torch.no_grad()
+def weight_report(module: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """The paper's theory of every Conv2d / ConvTranspose2d / Linear of `module`, any variant (key: its name):
+
+    - 'sigma_raw': σ of the raw weight (`raw_weight`) as the (c_out, c_in·k·k) matrix, exact;
+    - 'sigma_eff': σ of the effective weight (what the layer multiplies by: c·γ·W/σ for the SN family, the
+      weight itself for `none`), the same reshape, exact;
+    - 'weight_std': the standard deviation of the effective weight's entries;
+    - 'weight_std_pred': the std the paper predicts for a normalized layer. A matrix of m × n i.i.d. entries
+      of std s has σ ≈ s(√m + √n), so W/σ has entries of std 1/(√fan_out + √fan_in), fan_out = c_out and
+      fan_in = c_in·k·k (LeCun-like, Lin et al. 2021; stated so in DESIGN.md). BSN divides by the mean of
+      both reshapes' σ: 1/((√c_out + √(c_in·k·k) + √c_in + √(c_out·k·k))/2), symmetric in c_in and c_out
+      (Xavier-like); c and γ multiply it (c as Kaiming's gain). For strict_sn and the variants that are no SN
+      it is SN's value for the layer's shape: the reference strict SN falls below and `none` drifts from.
+
+    Effective weights are the ones the module's next forward uses (reading them stores nothing). Values
+    are 0-d tensors on the module's device (NaN for a non-finite weight); reading them syncs the host once.
+    Cost per layer: one eigendecomposition of the raw weight's smaller Gram matrix (a second one for
+    weight_norm, whose effective weight is no multiple of the raw one).
+    """
+    report: dict[str, dict[str, torch.Tensor]] = {}
+    for name, layer in module.named_modules():
+        if not isinstance(layer, LAYER_TYPES):
+            continue
+        raw, effective = raw_weight(layer), layer.weight
+        out_dim, in_dim = _channel_dims(layer)
+        spectral, gamma = _spectral_parts(layer)
+        sigma_raw = _exact_sigma(raw, out_dim)
+        if effective is raw:
+            sigma_eff = sigma_raw
+        elif spectral is not None:  # c·γ·W/σ: a multiple of the raw weight
+            sigma_eff = sigma_raw * (torch.linalg.vector_norm(effective.float())
+                                     / torch.linalg.vector_norm(raw.float()))
+        else:
+            sigma_eff = _exact_sigma(effective, out_dim)
+        report[name] = {"sigma_raw": sigma_raw, "sigma_eff": sigma_eff,
+                        "weight_std": effective.float().std(),
+                        "weight_std_pred": _predicted_std(layer, spectral, gamma, out_dim, in_dim)}
+    return report
+
+
+def _predicted_std(layer: nn.Module, spectral: SpectralNormalization | None, gamma: GammaScale | None,
+                   out_dim: int, in_dim: int) -> torch.Tensor:
+    """weight_report's 'weight_std_pred' of one layer (a 0-d tensor: γ is learned)."""
+    shape = raw_weight(layer).shape
+
+    def random_sigma(row_dim: int) -> float:  # σ / s of a random (shape[row_dim], rest) matrix
+        rows = shape[row_dim]
+        return math.sqrt(rows) + math.sqrt(math.prod(shape) / rows)
+
+    denominator = random_sigma(out_dim)
+    if spectral is not None and "in" in spectral.estimators:
+        denominator = (denominator + random_sigma(in_dim)) / 2
+    gain = torch.tensor(spectral.scale if spectral is not None else 1.0, device=layer.weight.device)
+    if gamma is not None:
+        gain = gain * gamma.gamma.detach().abs()
+    return gain / denominator
+
+
+def _conv_operator_sigma(layer: nn.Module, name: str, spectral: SpectralNormalization,
+                         weight: torch.Tensor) -> torch.Tensor:
+    """σ of an SN-family layer's conv operator at its recorded input size (strict_sn: from its own u).
 
     Each call starts from the previous call's vector (kept outside the state_dict, it never touches training),
     so the evaluations of a run after the first need a few steps instead of hundreds."""
@@ -445,29 +517,38 @@ def _conv_operator_sigma(layer: nn.Module, name: str, spectral: SpectralNormaliz
     eps = next(iter(spectral.estimators.values())).eps
     strict = spectral.estimators["conv"] if "conv" in spectral.estimators else None
     if strict is not None:
-        geometry, u = strict.geometry, strict.u.clone()
-    elif spectral.input_shape is None:
+        return conv_operator_sigma(layer, name, strict.geometry.input_shape, weight, strict.u.clone(), eps)[0]
+    if spectral.input_shape is None:
         raise ValueError(f"spectral_report(conv_operator=True): no input size recorded for layer {name!r}; "
                          "pass example_input to normalize()")
-    elif spectral.conv_probe is not None:
-        geometry, u = ConvGeometry.of(layer, spectral.input_shape, name), spectral.conv_probe
-    else:
-        geometry = ConvGeometry.of(layer, spectral.input_shape, name)
-        # A private generator: the report must not move the training's random streams.
+    sigma, spectral.conv_probe = conv_operator_sigma(layer, name, spectral.input_shape, weight,
+                                                     spectral.conv_probe, eps)
+    return sigma
+
+
+@torch.no_grad()
+def conv_operator_sigma(layer: nn.Conv2d | nn.ConvTranspose2d, name: str, input_shape: torch.Size,
+                        weight: torch.Tensor, start: torch.Tensor | None = None, eps: float = 1e-12, *,
+                        rtol: float = 1e-4, max_steps: int = 2000,
+                        check_every: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σ, last vector) of `weight` as the conv operator of `layer` (qualified name `name`, for errors) on
+    inputs of shape input_shape (B, C, H, W), bias left out: power iteration until σ changes by less than
+    rtol over check_every steps. start: a vector of shape (1, C, H, W) to start from (the previous call's,
+    a warm start), else a seeded random one: the call draws from no global random generator."""
+    geometry = ConvGeometry.of(layer, input_shape, name)
+    if start is None:
         generator = torch.Generator(device=weight.device).manual_seed(0)
-        u = _unit(torch.randn(geometry.input_shape, generator=generator, device=weight.device,
-                              dtype=weight.dtype), eps)
+        start = _unit(torch.randn(geometry.input_shape, generator=generator, device=weight.device,
+                                  dtype=weight.dtype), eps)
     op, op_t = geometry.operators(weight)
-    previous = 0.0
+    u, previous = start, 0.0
     for _ in range(max_steps // check_every):
         sigma, u, _ = _power_iteration(op, op_t, u, check_every, eps)
         current = float(sigma)
         if abs(current - previous) <= rtol * abs(current):
             break
         previous = current
-    if strict is None:
-        spectral.conv_probe = u
-    return sigma
+    return sigma, u
 
 
 @dataclass(frozen=True)

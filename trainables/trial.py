@@ -27,11 +27,13 @@ from torch import Tensor, nn
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import BatchSampler, ImageSource, load_images, real_images
 from trainables.diagnostics import (
+    ConvOperatorProbe,
     DiversityProbe,
     input_gradient_norms,
     layer_of,
     save_sample_grid,
     spectral_metrics,
+    theory_metrics,
 )
 from trainables.events import DivergenceWatch, StepMonitor
 from trainables.files import atomic_path, write_text_atomically
@@ -225,6 +227,7 @@ class Trial:
     monitor: StepMonitor
     watch: DivergenceWatch
     grid_latents: Tensor
+    conv_operator: ConvOperatorProbe  # sigma_conv of every D layer at evaluations
     iteration: int = 0
     objective: float | None = None
     summary: dict[str, Any] | None = None  # the final report, once the trial has ended
@@ -240,9 +243,10 @@ class Trial:
         generator = build_generator(cfg.architecture, cfg.resolution, z_dim=cfg.z_dim, width=cfg.width)
         discriminator = build_discriminator(cfg.architecture, cfg.resolution, width=cfg.width)
         generator, discriminator = generator.to(device), discriminator.to(device)
+        example_input = torch.zeros(1, 3, cfg.resolution, cfg.resolution, device=device)
         normalize(discriminator, cfg.variant, scale=cfg.scale, n_power_iterations=cfg.n_power_iterations,
                   grad_through_power_iteration=cfg.sn_grad_through_power_iteration,
-                  example_input=torch.zeros(1, 3, cfg.resolution, cfg.resolution, device=device))
+                  example_input=example_input)
         betas = (cfg.beta1, cfg.beta2)
         fused = True if cfg.compile and device.type == "cuda" else None  # the fast trial: one kernel per step
         noise = torch.Generator(device=device)
@@ -261,6 +265,7 @@ class Trial:
             watch=DivergenceWatch(cfg.divergence, constant_level=constant_level),
             grid_latents=torch.randn(GRID_SAMPLES, cfg.z_dim,
                                      generator=torch.Generator().manual_seed(cfg.seed)).to(device),
+            conv_operator=ConvOperatorProbe(discriminator, example_input),
         )
 
     def latents(self, batch: int) -> Tensor:
@@ -326,8 +331,8 @@ class Trial:
     # -- evaluation and the logging step --
 
     def evaluate(self, iteration: int) -> dict[str, float]:
-        """The metrics, the sample grid and its diversity, the conv operator's σ and the evaluation's
-        divergence checks."""
+        """The metrics, the sample grid and its diversity, every D layer's conv operator σ and the
+        evaluation's divergence checks."""
         cfg, generator = self.config, self.generator
         generator.eval()
         eval_noise = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + iteration)
@@ -343,7 +348,7 @@ class Trial:
         generator.train()
         save_sample_grid(grid, self.workdir / "samples" / f"iter_{iteration:07d}.png")
         diversity = self.evaluation.diversity(grid)
-        metrics |= diversity | spectral_metrics(self.discriminator, conv_operator=True)
+        metrics |= diversity | self.conv_operator()
         self.watch.check_evaluation(iteration, cfg.primary_metric, metrics[cfg.primary_metric], diversity)
         return metrics
 
@@ -352,15 +357,17 @@ class Trial:
         """A logging step: diagnostics, divergence checks, an evaluation when due, the report and checkpoint.
 
         values: `logged_values` on the host; real, fake: this step's batches (B, 3, R, R); layer_norms: the
-        per-layer gradient norms of D and G. The trial's modules must hold its current weights. Returns True
-        when the trial has ended (its summary reported with the last checkpoint).
+        per-layer gradient norms of D and G. Every variant also logs the paper's theory per D layer
+        (`theory_metrics`: σ of the raw and effective weight, the effective weight's std and its
+        prediction). The trial's modules must hold its current weights. Returns True when the trial has
+        ended (its summary reported with the last checkpoint).
         """
         cfg = self.config
         last = iteration == cfg.iterations
         metrics: dict[str, Any] = {**layer_norms, "iteration": iteration, "it_per_s": it_per_s}
         metrics |= {key: values[key] for key in ("loss_d", "loss_g", "d_real", "d_fake", "d_real_min",
                                                  "d_fake_max")}
-        metrics |= spectral_metrics(self.discriminator)
+        metrics |= spectral_metrics(self.discriminator) | theory_metrics(self.discriminator)
         self.watch.check_steps(self.monitor)
         metrics |= input_gradient_norms(self.discriminator, real, "grad_x_real")
         metrics |= input_gradient_norms(self.discriminator, fake, "grad_x_fake")
