@@ -101,3 +101,12 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def studies() -> list:
+    """The studies a test starts (test_reliability_faults.py: Study), each stopped with its Ray at the end."""
+    started: list = []
+    yield started
+    for study in started:
+        study.stop()
