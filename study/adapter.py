@@ -108,7 +108,7 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
         report_to_tune(result, checkpoint_dir, context)
 
     try:
-        check_params(run, trial, layout.trial_run_name(layout.cell_key(point), seed))
+        check_params(run, trial, point, seed)
         train(trial, report, workdir=workdir, resume_from=resume_from)
     except DETERMINISTIC_ERRORS as exc:
         fail_runs([run], exc)
@@ -171,7 +171,7 @@ def run_pack(spec: StudySpec, members: list[tuple[dict[str, Any], int]], context
     try:
         for k, (run, trial, (point, seed)) in enumerate(zip(runs, trials, members, strict=True)):
             if k not in recorded:
-                check_params(run, trial, layout.trial_run_name(layout.cell_key(point), seed))
+                check_params(run, trial, point, seed)
         train_pack(trials, [member_report(k) for k in range(len(runs))], workdir=workdir,
                    resume_from=resume_from, pack_report=pack_report)
     except DETERMINISTIC_ERRORS as exc:
@@ -181,12 +181,13 @@ def run_pack(spec: StudySpec, members: list[tuple[dict[str, Any], int]], context
         tune.report(pack_result(last_iteration()))
 
 
-def check_params(run: TrialRun, trial: TrialConfig, name: str) -> None:
+def check_params(run: TrialRun, trial: TrialConfig, point: dict[str, Any], seed: int) -> None:
     """ConfigError naming the fields when a run continued holds other params than this trial's config
     (MLflow would say the trial trained with values it did not)."""
     differing = run.differing_params(layout.flatten(trial.model_dump(mode="json")))
     if differing:
-        raise ConfigError(f"trial {name}: its config differs from its MLflow run's params "
+        raise ConfigError(f"trial {layout.cell_key(point) or '(base)'} seed {seed}: its config differs from "
+                          "its MLflow run's params "
                           f"(run {run.run_id}) in {', '.join(differing)}; resume with the spec it was "
                           "started with, or start the study afresh")
 

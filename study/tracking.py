@@ -35,7 +35,7 @@ from typing import Any
 import pyarrow.fs
 import requests
 import yaml
-from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities import DatasetInput, Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -554,8 +554,9 @@ class TrialRun:
     @classmethod
     def open(cls, client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str,
              run_name: str, tags: dict[str, str], params: dict[str, str],
-             guard: TrackingGuard = NO_WAIT) -> TrialRun:
-        """Continue the run of the trial (tags cell, seed) under the parent, else create it (once)."""
+             datasets: Iterable[DatasetInput] = (), guard: TrackingGuard = NO_WAIT) -> TrialRun:
+        """Continue the run of the trial (tags cell, seed) under the parent, else create it (once) with its
+        params and its dataset inputs."""
         started = time.perf_counter()
         key = layout.trial_run_key(parent_run_id, tags[layout.CELL_TAG], tags[layout.SEED_TAG])
         all_tags = {layout.PARENT_RUN_ID_TAG: parent_run_id, layout.ROLE_TAG: layout.TRIAL_ROLE,
@@ -566,6 +567,7 @@ class TrialRun:
         run = cls(client, run_id, guard)
         if not run.params:  # new (or its creator died before logging them)
             guard(log_params, client, run_id, params)
+            guard(client.log_inputs, run_id, datasets=list(datasets))
             run._recorded.params.update(params)
         if not run.ended and not run.running:  # an ended run stays as it was: never reopened or closed twice
             guard(client.update_run, run_id, status="RUNNING")

@@ -96,7 +96,8 @@ def ray_local():
     """A real local Ray (2 CPUs, no dashboard) shared by the tests that run studies in this process."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a Ray of the tests' own, never one `ray start` runs on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:

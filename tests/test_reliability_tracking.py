@@ -389,13 +389,14 @@ def test_two_first_starts_of_one_study_on_a_new_sqlite_database_finish_apart_and
 # ---- a deterministic error --------------------------------------------------------------------------------
 
 def digits_imagefolder(root: Path, count: int = 40) -> Path:
-    """`count` real digits as 32 px RGB PNGs in root/digits/, and one empty file that claims to be a PNG."""
+    """`count` real digits as 32 px RGB PNGs in root/digits/, and a file named .png that is no image."""
     folder = root / "digits"
     folder.mkdir(parents=True)
     for index, digit in enumerate(load_digits().images[:count]):
         image = Image.fromarray((digit * 255 / 16).astype(np.uint8)).resize((32, 32)).convert("RGB")
         image.save(folder / f"{index:03d}.png")
-    (folder / "zz_empty.png").write_bytes(b"")  # sorted last: a data check reading the first file passes
+    # Not empty, sorted last: a pre-flight that reads the first image and checks every file's size passes it.
+    (folder / "zz_broken.png").write_bytes(b"this is no PNG image\n" * 8)
     return root
 
 
@@ -416,10 +417,10 @@ def test_an_undecodable_image_fails_its_trial_once_with_the_message_on_its_faile
     tags = run.data.tags
     assert (run.info.status, tags["status"], tags["failure"]) == ("FAILED", "failed", "deterministic")
     assert "ImageDecodeError" in tags["error"] and "cannot decode" in tags["error"]
-    assert "zz_empty.png" in tags["error"]
+    assert "zz_broken.png" in tags["error"]
     artifact = client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path / "artifact"))
     text = Path(artifact).read_text()
-    assert text.startswith("Traceback") and "zz_empty.png" in text
+    assert text.startswith("Traceback") and "zz_broken.png" in text
     [folder] = ray_trial_folders(tmp_path / "ray")
     assert not list(folder.glob("error.*"))  # Ray saw no error: the one attempt, not retried
     assert "FAILED, not retried" in study.output()

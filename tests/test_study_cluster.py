@@ -1,4 +1,7 @@
-"""A two-node Ray simulated on this machine (`ray start --head` plus `ray start --address`), which the driver
+"""Ray clusters started on this machine with `ray start`:
+- one that nobody names is not joined: a driver without $RAY_ADDRESS or --ray-address starts a Ray of its own,
+  where `ray.init(address="auto")` would have joined it.
+A two-node Ray simulated on this machine (`ray start --head` plus `ray start --address`), which the driver
 joins because $RAY_ADDRESS names it:
 - fractional-GPU trials are placed as the spec asks, without a GPU: a head of 1 CPU and no GPU, a worker of 4
   CPUs and a declared GPU count of 1; 0.25 GPU per trial puts all four trials on GPU 0 of the GPU node;
@@ -50,9 +53,10 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def two_nodes(tmp_path: Path, head: list[str], worker: list[str], head_env: dict[str, str] | None = None):
-    """`ray start` a head and a worker (each `--block`, its own session): (env with RAY_ADDRESS, the alive
-    nodes, the worker's `ray start` process); both stopped at the end."""
+def ray_cluster(tmp_path: Path, head: list[str], worker: list[str] | None,
+                head_env: dict[str, str] | None = None):
+    """`ray start` a head and a worker, unless None (each `--block`, its own session): (env with RAY_ADDRESS,
+    the alive nodes, the worker's `ray start` process); stopped at the end."""
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -71,12 +75,13 @@ def two_nodes(tmp_path: Path, head: list[str], worker: list[str], head_env: dict
         while subprocess.run(status, env=env, capture_output=True).returncode:
             assert time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-2000:]
             time.sleep(1)
-        worker_process = subprocess.Popen([RAY, "start", f"--address={address}", *worker, *common], env=env,
-                                          stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT,
-                                          start_new_session=True)
+        if worker is not None:
+            worker_process = subprocess.Popen([RAY, "start", f"--address={address}", *worker, *common],
+                                              env=env, stdout=open(tmp_path / "worker.log", "w"),
+                                              stderr=subprocess.STDOUT, start_new_session=True)
         nodes: list = []
-        while len(nodes) < 2:
-            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-2000:]
+        while len(nodes) < (1 if worker is None else 2):
+            assert time.monotonic() < deadline, "the nodes did not come up"
             time.sleep(1)
             out = subprocess.run([sys.executable, "-c", NODES], env=env, capture_output=True, text=True)
             nodes = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
@@ -91,7 +96,7 @@ def two_nodes(tmp_path: Path, head: list[str], worker: list[str], head_env: dict
 @pytest.fixture
 def two_node_ray(tmp_path):
     """Address of a head (1 CPU, 0 GPU) and a worker (4 CPUs, 1 GPU declared), and the alive nodes."""
-    with two_nodes(tmp_path, ["--num-cpus=1", "--num-gpus=0"], ["--num-cpus=4", "--num-gpus=1"]) as started:
+    with ray_cluster(tmp_path, ["--num-cpus=1", "--num-gpus=0"], ["--num-cpus=4", "--num-gpus=1"]) as started:
         yield started[:2]
 
 
@@ -127,7 +132,7 @@ FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeo
 @pytest.mark.slow
 def test_a_worker_node_lost_mid_trial_is_retried_on_the_head_with_every_trial_and_step_once(
         studies, mlflow_server, tmp_path):
-    with two_nodes(tmp_path, ["--num-cpus=1"], ["--num-cpus=1"], FAST_NODE_DEATH) as (env, nodes, worker):
+    with ray_cluster(tmp_path, ["--num-cpus=1"], ["--num-cpus=1"], FAST_NODE_DEATH) as (env, nodes, worker):
         [worker_node] = [node["NodeID"] for node in nodes
                          if "node:__internal_head__" not in node["Resources"]]
         spec = "name: node-loss\n" + TINY_BASE % 100 + "axes:\n  variant: [sn, bsn]\nseeds: 1\n"
@@ -153,3 +158,21 @@ def test_a_worker_node_lost_mid_trial_is_retried_on_the_head_with_every_trial_an
         # The lost trial went on in its own run from a checkpoint (10 or later), on the head.
         trial_dir = next((tmp_path / "ray").glob(f"*/trial_{victim.data.tags['trial_id']}"))
         assert resumed_at(trial_dir) in range(10, 100, 10)
+
+
+@pytest.mark.slow
+def test_a_ray_running_on_the_machine_is_not_joined_unless_named(studies, mlflow_server, tmp_path):
+    with ray_cluster(tmp_path, ["--num-cpus=1"], None) as (env, nodes, _):
+        [foreign] = [node["NodeID"] for node in nodes]
+        unnamed = {key: value for key, value in env.items() if key != "RAY_ADDRESS"}
+        joined = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto'); "
+                                 "print(ray.get_runtime_context().get_node_id())"], env=unnamed,
+                                capture_output=True, text=True, timeout=120)
+        assert joined.stdout.split()[-1] == foreign  # live: what the driver did before joined it
+        study = Study(tmp_path, "name: own-ray\n" + TINY_BASE % 10 + "seeds: 1\n", mlflow_server)
+        study.env.pop("RAY_ADDRESS")
+        studies.append(study)
+        study.start()
+        assert study.wait(timeout=420) == 0, study.output()
+        [run] = trial_runs(MlflowClient(mlflow_server), "own-ray")
+        assert run.data.tags["node_id"] != foreign

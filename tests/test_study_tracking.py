@@ -27,6 +27,7 @@ from study.tracking import (
     TrialRun,
     check_storage,
     check_tracking_uri,
+    close_runs_of_dead_drivers,
     create_parent_run,
     driver_alive,
     driver_identity,
@@ -308,16 +309,38 @@ def test_the_state_file_names_the_study_s_own_folder_and_nothing_else(tmp_path):
 
 def test_a_driver_is_alive_while_its_process_runs_and_unknown_on_another_host():
     assert driver_alive(driver_identity()) is True
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        identity = driver_identity().rsplit(":", 2)[0] + f":{child.pid}:" + Path(
-            f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-        assert driver_alive(identity) is True
-    finally:
-        child.kill()
-        child.wait()
-    assert driver_alive(identity) is False
+    assert driver_alive(dead_driver_identity()) is False
+    host, pid, start = driver_identity().split(":")
+    assert driver_alive(f"{host}:{pid}:{int(start) + 1}") is False  # the pid reused by a later process
     assert driver_alive(f"another-host:{os.getpid()}:1") is None
+
+
+def dead_driver_identity() -> str:
+    """DRIVER_TAG of a process that ran on this machine and has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    identity = driver_identity().rsplit(":", 2)[0] + f":{child.pid}:" + Path(
+        f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    child.kill()
+    child.wait()
+    return identity
+
+
+def test_a_later_start_closes_the_runs_a_dead_driver_left_running_and_no_live_driver_s(mlflow_server):
+    client = MlflowClient(mlflow_server)
+    experiment = client.create_experiment(f"dead-driver-{time.time_ns()}")
+    drivers = {"dead": dead_driver_identity(), "alive": driver_identity(), "elsewhere": "other-host:1:1"}
+    parents, trials = {}, {}
+    for name, identity in drivers.items():
+        tags = {"role": "study", "study": "s", "status": "running", "driver": identity}
+        parents[name] = client.create_run(experiment, tags=tags).info.run_id
+        trials[name] = client.create_run(experiment, tags={"role": "trial", "status": "running",
+                                                          "mlflow.parentRunId": parents[name]}).info.run_id
+    assert close_runs_of_dead_drivers(client, experiment, "s") == [parents["dead"]]
+    for name in drivers:
+        for run_id in (parents[name], trials[name]):
+            run = client.get_run(run_id)
+            expected = ("killed", "KILLED") if name == "dead" else ("running", "RUNNING")
+            assert (run.data.tags["status"], run.info.status) == expected, name
 
 
 # ---- two first starts on a new sqlite database ----------------------------------------------------------
