@@ -483,9 +483,9 @@ def print_to_stderr(message: str) -> None:
 class TrackingGuard:
     """Calls MLflow, waiting out an outage of an HTTP tracking server instead of failing at once.
 
-    A call that fails as an unreachable server makes it fail (`is_outage`) is repeated once the server answers
-    /health again, polled every HEALTH_POLL_S seconds for up to `wait_s` seconds per outage (then
-    TrackingOutage). An error of a server that answers /health, twice in a row, and any other error are
+    A call that fails the way calls to an unreachable or overloaded server fail (`is_outage`) is repeated once
+    the server answers /health again, polled every HEALTH_POLL_S seconds for up to `wait_s` seconds in all
+    (then TrackingOutage). An error of a server that answers /health, twice in a row, and any other error are
     raised at once. Other tracking URIs (sqlite, a database) are called once. The calls repeated are
     idempotent: a metric batch logged twice is stored once (same keys, steps, timestamps), a run is created
     once per key (`create_run_once`).
