@@ -27,6 +27,7 @@ import requests
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.credentials import read_mlflow_creds
 
 from analysis.schema import (
     DIAGNOSTIC_COLUMNS,
@@ -40,6 +41,7 @@ from analysis.schema import (
     arrow_schema,
 )
 from study import layout
+from study.tracking import redacted
 from trainables.config import TrialConfig
 
 RUNS_PER_REQUEST = 100  # the server's limit for get-history-bulk-interval
@@ -136,6 +138,11 @@ def collect(
     name = parent.data.tags.get(layout.STUDY_TAG, parent.info.run_name)
     say(f"study {name!r}: parent run {parent.info.run_id}")
     runs = trial_runs(client, parent)
+    empty = sorted(r.info.run_id for r in runs if not r.data.params)  # no config: nothing to analyse
+    if empty:
+        say(f"skipped {len(empty)} empty trial run(s) without params (a create_run whose reply was lost, or "
+            f"a trial that died as it started): {', '.join(empty)}")
+        runs = [r for r in runs if r.data.params]
     if not runs:
         raise StudyLookupError(f"study {name!r} (parent run {parent.info.run_id}) has no trial runs yet")
     say(f"{len(runs)} trials found")
@@ -165,7 +172,8 @@ def collect(
         "study": name,
         "parent_run_id": parent.info.run_id,
         "experiment_id": parent.info.experiment_id,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": redacted(tracking_uri),
+        "skipped_runs": ",".join(empty),  # empty trial runs left out
         "study_status": _study_status(parent),
         "axes": axes,
         "metric": trials["metric"].mode().iat[0],
@@ -258,13 +266,11 @@ class MetricReader:
         self.http = tracking_uri.startswith(("http://", "https://")) if bulk is None else bulk
         self.base = tracking_uri.rstrip("/")
         self.session = requests.Session()
+        credentials = read_mlflow_creds()  # as MLflow's client: the environment, else ~/.mlflow/credentials
         if os.environ.get("MLFLOW_TRACKING_TOKEN"):
             self.session.headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
-        elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
-            self.session.auth = (
-                os.environ["MLFLOW_TRACKING_USERNAME"],
-                os.environ.get("MLFLOW_TRACKING_PASSWORD", ""),
-            )
+        elif credentials.username:
+            self.session.auth = (credentials.username, credentials.password or "")
         self.workers = workers
 
     def histories(

@@ -118,12 +118,14 @@ def build_report(
     *,
     progress: Progress | None = None,
     log_to_mlflow: bool = True,
+    run_id: str | None = None,
 ) -> Path:
-    """Collect `study` from MLflow, write its Parquet tables, aggregates, figures and report.html under
-    `out_dir`, log them all to the study's parent run (artifact path `analysis/`), return the HTML path."""
+    """Collect `study` (its latest parent run, or the parent `run_id`: two starts of one study run apart)
+    from MLflow, write its Parquet tables, aggregates, figures and report.html under `out_dir`, log them all
+    to the study's parent run (artifact path `analysis/`), return the HTML path."""
     say = progress or (lambda message: None)
     started = time.perf_counter()
-    tables = collect(tracking_uri, study=study, progress=say)
+    tables = collect(tracking_uri, study=None if run_id else study, run_id=run_id, progress=say)
     say(f"collected in {time.perf_counter() - started:.1f} s")
     path = write_report(tables, Path(out_dir), progress=say)
     if log_to_mlflow:
@@ -296,6 +298,8 @@ def _page(tables: StudyTables, sections: list[str]) -> str:
         "trials": ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
         "collected at": meta["collected_at"],
     }
+    if meta.get("skipped_runs"):  # empty runs (no params): named, not analysed
+        rows["empty runs skipped"] = meta["skipped_runs"].replace(",", ", ")
     head = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows.items()
     )

@@ -4,11 +4,20 @@ Every report goes to MLflow (step = iteration); only the reports that carry `obj
 final report) go to Tune, so ASHA and Optuna only ever see finite values. Checkpoints are Tune checkpoints of
 train's `workdir/checkpoint/` folder; a resumed trial finds its MLflow run by its cell and seed.
 A pack (`pack_size` > 1) is one Tune trial running `train_pack()`: each member reports to its own MLflow run.
+
+What fails every time is not retried: a DETERMINISTIC_ERRORS error (bad config, data, weights, an image that
+cannot be decoded, a checkpoint of another config) ends the trial's run FAILED with the message (tag and
+artifact), and the trial ends normally with `failed` = 1 in its last result, so Ray does not retry it; any
+other error (a lost node, an outage longer than `tracking.outage_wait_s`, a full disk) is Ray's to retry.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
+import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +35,19 @@ from ray.tune.search.repeater import TRIAL_INDEX
 
 from study import layout
 from study.spec import StudySpec, trial_config
-from study.tracking import TrialRun
-from trainables.config import TrialConfig
+from study.tracking import TrackingGuard, TrialRun, quiet_mlflow, redacted
+from trainables.config import ConfigError, TrialConfig
 from trainables.metrics.reference import BUILTIN_LOCATIONS, data_location
 from trainables.packing import member_name, train_pack
 from trainables.train import train
+from trainables.trial import CheckpointError
 
 ARTIFACT_PATTERNS = (layout.SAMPLES_PATTERN, layout.EVENTS_ARTIFACT)  # in the trial's folder
 PATH_FIELDS = ("data_root", "cache_dir", "inception_weights")  # resolved against the driver's folder
+# Errors of a trial's input, which every attempt would meet again: ConfigError (a config or a checkpoint of
+# another config), the data's ValueErrors (an undecodable or too small image, a bad array),
+# DatasetNotFoundError and InceptionWeightsMissingError (FileNotFoundError), a data_root that is a file.
+DETERMINISTIC_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,7 @@ class StudyContext:
     experiment_id: str
     parent_run_id: str
     cwd: str  # the driver's working folder: relative paths of the spec are relative to it
+    storage: str  # Ray's storage root (resolved), named when its disk is full
 
 
 def trial_point(spec: StudySpec, config: dict[str, Any]) -> tuple[dict[str, Any], int]:
@@ -66,6 +81,7 @@ def absolute_paths(config: TrialConfig, cwd: Path) -> TrialConfig:
 
 def run_trial(config: dict[str, Any], context: StudyContext) -> None:
     """The Tune function trainable: one trial, or one pack of trials (`pack_size`), trained and reported."""
+    quiet_mlflow()
     spec = StudySpec.model_validate(context.spec)
     if "pack" in config:
         members = [(member["point"], member["seed"]) for member in config["pack"]]
@@ -83,7 +99,10 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
     resume_from = restored_checkpoint(workdir)
     run = open_trial_run(spec, context, trial, point, seed, trial_id)
     if run.ended:
-        tune.report({**run.final_result(), "mlflow_seconds": run.log_seconds})
+        result = run.final_result()
+        if result.get("failed"):
+            result = failed_result(trial, run)
+        tune.report({**result, "mlflow_seconds": run.log_seconds})
         return
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
@@ -92,10 +111,14 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
             return
         result = {key: value for key, value in metrics.items() if key != "done"}  # `done` ends a Tune trial
         result["mlflow_seconds"] = run.log_seconds
-        tune_checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report(result, checkpoint=tune_checkpoint)
+        report_to_tune(result, checkpoint_dir, context)
 
-    train(trial, report, workdir=workdir, resume_from=resume_from)
+    try:
+        check_params(run, trial, point, seed)
+        train(trial, report, workdir=workdir, resume_from=resume_from)
+    except DETERMINISTIC_ERRORS as exc:
+        fail_runs([run], exc)
+        tune.report(failed_result(trial, run))
 
 
 def run_pack(spec: StudySpec, members: list[tuple[dict[str, Any], int]], context: StudyContext) -> None:
@@ -103,7 +126,8 @@ def run_pack(spec: StudySpec, members: list[tuple[dict[str, Any], int]], context
 
     Member k's run has trial_id `<Tune trial id>_<k>` and tags `pack` (the Tune trial id) and `pack_member`.
     Tune gets the pack's results: iteration, it_per_s summed over the active members, the best member
-    objective, `diverged` (members diverged so far), `members_ended`, and the pack checkpoint.
+    objective, `diverged` (members diverged so far), `members_ended`, `failed` (members failed by a
+    deterministic error: one such error fails the whole pack, one computation), and the pack checkpoint.
     """
     trials = [absolute_paths(trial_config(spec, point, seed), Path(context.cwd)) for point, seed in members]
     tune_context = tune.get_context()
@@ -114,18 +138,24 @@ def run_pack(spec: StudySpec, members: list[tuple[dict[str, Any], int]], context
                            pack_tags={layout.PACK_TAG: trial_id, layout.PACK_MEMBER_TAG: str(k)})
             for k, (trial, (point, seed)) in enumerate(zip(trials, members, strict=True))]
     recorded = {k: run.final_result() for k, run in enumerate(runs) if run.ended}  # members ended before
-    objectives = {k: result["objective"] for k, result in recorded.items() if "objective" in result}
+    failed = {k for k, result in recorded.items() if result.get("failed")}
+    objectives = {k: result["objective"] for k, result in recorded.items()
+                  if "objective" in result and k not in failed}
     diverged = {k for k, result in recorded.items() if result.get("diverged")}
     evaluated: list[int] = []  # members that reported an objective at the current logging step
 
     def pack_result(metrics: dict[str, Any]) -> dict[str, Any]:
-        return {**metrics, "objective": min(objectives.values()), "diverged": len(diverged),
-                "members_ended": sum(run.ended for run in runs),
+        penalty = trials[0].divergence.diverged_objective  # no member objective yet: as a diverged trial
+        return {**metrics, "objective": min(objectives.values(), default=penalty),
+                "diverged": len(diverged), "failed": len(failed),
+                "members_ended": sum(run.ended for k, run in enumerate(runs) if k not in failed),
                 "mlflow_seconds": sum(run.log_seconds for run in runs)}
 
+    def last_iteration() -> dict[str, Any]:
+        return {"iteration": max(max(run.last_step, 0) for run in runs), "pack_size": len(runs)}
+
     if len(recorded) == len(runs):
-        iteration = max(result["iteration"] for result in recorded.values())
-        tune.report(pack_result({"iteration": iteration, "pack_size": len(runs)}))
+        tune.report(pack_result(last_iteration()))
         return
 
     def member_report(k: int) -> Callable[..., None]:
@@ -141,12 +171,68 @@ def run_pack(spec: StudySpec, members: list[tuple[dict[str, Any], int]], context
     def pack_report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         # Only results with an objective reach Tune (a checkpoint step is an evaluation step: validate_study).
         if objectives and (evaluated or checkpoint_dir is not None):
-            tune_checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-            tune.report(pack_result(metrics), checkpoint=tune_checkpoint)
+            report_to_tune(pack_result(metrics), checkpoint_dir, context)
         evaluated.clear()
 
-    train_pack(trials, [member_report(k) for k in range(len(runs))], workdir=workdir,
-               resume_from=resume_from, pack_report=pack_report)
+    try:
+        for k, (run, trial, (point, seed)) in enumerate(zip(runs, trials, members, strict=True)):
+            if k not in recorded:
+                check_params(run, trial, point, seed)
+        train_pack(trials, [member_report(k) for k in range(len(runs))], workdir=workdir,
+                   resume_from=resume_from, pack_report=pack_report)
+    except DETERMINISTIC_ERRORS as exc:
+        unended = [k for k, run in enumerate(runs) if not run.ended]
+        fail_runs([runs[k] for k in unended], exc)
+        failed.update(unended)
+        tune.report(pack_result(last_iteration()))
+
+
+def check_params(run: TrialRun, trial: TrialConfig, point: dict[str, Any], seed: int) -> None:
+    """ConfigError naming the fields when a run continued holds other params than this trial's config
+    (MLflow would say the trial trained with values it did not)."""
+    differing = run.differing_params(layout.flatten(trial.model_dump(mode="json")))
+    if differing:
+        raise ConfigError(f"trial {layout.cell_key(point) or '(base)'} seed {seed}: its config differs from "
+                          "its MLflow run's params "
+                          f"(run {run.run_id}) in {', '.join(differing)}; resume with the spec it was "
+                          "started with, or start the study afresh")
+
+
+def fail_runs(runs: list[TrialRun], exc: BaseException) -> None:
+    """End each run FAILED by a deterministic error: message and traceback on the run, and in Ray's log."""
+    message = redacted(f"{type(exc).__name__}: {exc}")
+    details = redacted(traceback.format_exc())
+    print(f"failed, not retried (it would fail the same way again): {message}", file=sys.stderr, flush=True)
+    for run in runs:
+        run.fail(message, details)
+
+
+def failed_result(trial: TrialConfig, run: TrialRun) -> dict[str, Any]:
+    """The last result of a trial failed by a deterministic error: `failed` 1, its message, and the objective
+    of a diverged trial, so that Optuna and ASHA see a finite value."""
+    return {"iteration": max(run.last_step, 0), "objective": trial.divergence.diverged_objective,
+            "diverged": 0, "failed": 1, "error": run.final_result().get("error", ""),
+            "mlflow_seconds": run.log_seconds}
+
+
+def report_to_tune(result: dict[str, Any], checkpoint_dir: str | None, context: StudyContext) -> None:
+    """tune.report with the checkpoint, which Ray copies into its storage: a full disk there is named, with
+    the folder and its free space (pyarrow's own error names neither)."""
+    checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    try:
+        tune.report(result, checkpoint=checkpoint)
+    except OSError as exc:
+        if checkpoint is None or (exc.errno != errno.ENOSPC and "No space left" not in str(exc)):
+            raise
+        tune_context = tune.get_context()  # where Ray copies it: <storage>/<experiment>/<trial folder>
+        trial_folder = Path(tune_context.get_trial_dir()).name
+        target = f"{context.storage.rstrip('/')}/{tune_context.get_experiment_name()}/{trial_folder}"
+        free = ""
+        if "://" not in context.storage and Path(target).is_dir():
+            free = f"; {shutil.disk_usage(target).free} bytes free there"
+        raise CheckpointError(f"cannot copy checkpoint {checkpoint_dir} into Ray's storage "
+                              f"{redacted(target)} (no space left on device){free}; Ray keeps the previous "
+                              "checkpoint") from None
 
 
 def restored_checkpoint(workdir: Path) -> Path | None:
@@ -168,9 +254,9 @@ def open_trial_run(spec: StudySpec, context: StudyContext, trial: TrialConfig, p
             layout.METRIC_TAG: trial.primary_metric, layout.SOURCE_NAME_TAG: layout.SOURCE_NAME, **placement,
             **(pack_tags or {})}
     return TrialRun.open(MlflowClient(context.tracking_uri), context.experiment_id, context.parent_run_id,
-                         trial_id, run_name=run_name, tags=tags,
+                         trial_id, run_name=run_name, tags=tags, datasets=[dataset_input(trial)],
                          params=layout.flatten(trial.model_dump(mode="json")),
-                         datasets=[dataset_input(trial)])
+                         guard=TrackingGuard(context.tracking_uri, spec.tracking.outage_wait_s))
 
 
 def dataset_input(trial: TrialConfig) -> DatasetInput:

@@ -4,25 +4,30 @@ One experiment per study (`tracking.experiment`, else the study's name), tagged 
 EXPERIMENT_KIND so that MLflow's UI opens it on its training runs (not on the GenAI overview), holding:
 - the study's parent run, named after the study. Tags: ROLE_TAG = STUDY_ROLE, STUDY_TAG, PRESET_TAG,
   GIT_COMMIT_TAG, AXES_TAG (the swept axes, comma-separated, `seed` last), STATUS_TAG (one of STUDY_STATUSES),
-  RAY_EXPERIMENT_TAG (the Ray Tune experiment's path, which `--resume` restores), VERSION_TAG_PREFIX + each
-  package, SOURCE_NAME_TAG. Params: the spec, `flatten`ed. Artifacts: SPEC_ARTIFACT; the analysis report
-  under REPORT_ARTIFACT_PATH.
+  RAY_EXPERIMENT_TAG (where the Ray Tune experiment is, for people: `--resume` never reads it), SPEC_HASH_TAG,
+  DRIVER_TAG (the driver process: `host:pid:start`), RUN_KEY_TAG, VERSION_TAG_PREFIX + each package,
+  SOURCE_NAME_TAG. Params: the spec, `flatten`ed, credentials in URIs redacted. Artifacts: SPEC_ARTIFACT; the
+  analysis report under REPORT_ARTIFACT_PATH.
 - one child run per trial (a pack's member too), named `trial_run_name` (variant first). Tags:
   PARENT_RUN_ID_TAG, ROLE_TAG = TRIAL_ROLE, STUDY_TAG, TRIAL_ID_TAG, CELL_TAG (`cell_key` of the trial's
   axes), SEED_TAG, STATUS_TAG (one of TRIAL_STATUSES), DIVERGED_TAG ("0" or "1"), DIVERGENCE_CAUSE_TAG,
   DIVERGENCE_STEP_TAG, NODE_ID_TAG, GPU_IDS_TAG, RESOURCES_TAG; a pack's member also PACK_TAG (its Ray trial
   id) and PACK_MEMBER_TAG (its index); a trial ASHA stopped STOPPED_EARLY_TAG = "1"; METRIC_TAG (the name of
-  its primary metric); SOURCE_NAME_TAG. Params: the TrialConfig, `flatten`ed. Input: its dataset (name and
-  resolution, context DATASET_CONTEXT). Metrics: each report of the trial (trainables/train.py) under its
-  keys, at step = its `iteration`, and the primary metric's value once more as PRIMARY_METRIC (one column for
-  every study, FID or a surrogate). Artifacts: the files of the trial's folder matching SAMPLES_PATTERN, and
-  EVENTS_ARTIFACT (the divergence events, a JSON list).
+  its primary metric); SOURCE_NAME_TAG; RUN_KEY_TAG (`trial_run_key`: the one run of a (parent, cell, seed),
+  however often its creation is retried); a failed trial ERROR_TAG (the message) and FAILURE_TAG
+  (DETERMINISTIC_FAILURE: it fails every time and is never retried; RETRIES_SPENT: Ray's retries ran out).
+  Params: the TrialConfig, `flatten`ed. Input: its dataset (name and resolution, context DATASET_CONTEXT).
+  Metrics: each report of the trial (trainables/train.py) under its keys, at step = its `iteration`, and the
+  primary metric's value once more as PRIMARY_METRIC (one column for every study, FID or a surrogate).
+  Artifacts: the files of the trial's folder matching SAMPLES_PATTERN, EVENTS_ARTIFACT (the divergence
+  events, a JSON list) and, failed, ERROR_ARTIFACT (the error and its traceback).
 
 Plain Python (no MLflow, Ray or torch), so that the reader, the writer and the tests share it freely.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -48,6 +53,9 @@ PRESET_TAG = "preset"  # the preset's name, "" for a spec file
 GIT_COMMIT_TAG = "git_commit"  # HEAD's commit, `+dirty` with uncommitted changes
 AXES_TAG = "axes"
 RAY_EXPERIMENT_TAG = "ray_experiment"
+SPEC_HASH_TAG = "spec_hash"  # sha256 of the spec `--resume` compares (study/run.py)
+DRIVER_TAG = "driver"  # `host:pid:start ticks` of the driver process: a later start tells a dead one
+RUN_KEY_TAG = "run_key"  # a client-side key: the run a retried create_run made twice is found and kept once
 VERSION_TAG_PREFIX = "version."  # `version.torch` ...: the version of each package that ran the study
 # Tags of a trial's run
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"  # MLflow's own: nests the run under the study's
@@ -64,6 +72,8 @@ PACK_TAG = "pack"
 PACK_MEMBER_TAG = "pack_member"
 STOPPED_EARLY_TAG = "stopped_early"
 METRIC_TAG = "metric"  # the name of the trial's primary metric: fid, kid or a surrogate such as fd_digits
+ERROR_TAG = "error"  # a failed trial's error message (the first MAX_TAG_CHARS characters)
+FAILURE_TAG = "failure"  # why a trial failed: DETERMINISTIC_FAILURE or RETRIES_SPENT
 
 # Metrics of a trial's run besides the trial's own report keys
 PRIMARY_METRIC = "primary_metric"  # the value of METRIC_TAG's metric at each evaluation
@@ -77,16 +87,22 @@ RUNNING = "running"
 FINISHED = "finished"
 DIVERGED = "diverged"  # ended on a divergence: a result, not a failure
 FAILED = "failed"
-TRIAL_STATUSES = (RUNNING, FINISHED, DIVERGED, FAILED)
+KILLED = "killed"  # cut off by its driver's end (Ctrl+C, a crash, SIGKILL): `--resume` continues it
+TRIAL_STATUSES = (RUNNING, FINISHED, DIVERGED, FAILED, KILLED)
 ENDED_STATUSES = (FINISHED, DIVERGED)  # set by the trial itself (or ASHA's stop): its result stands
-STUDY_STATUSES = (RUNNING, FINISHED, FAILED)
+STUDY_STATUSES = (RUNNING, FINISHED, FAILED, KILLED)
 # The MLflow run status each ended status closes its run with.
-MLFLOW_END_STATUS = {FINISHED: "FINISHED", DIVERGED: "FINISHED", FAILED: "FAILED"}
+MLFLOW_END_STATUS = {FINISHED: "FINISHED", DIVERGED: "FINISHED", FAILED: "FAILED", KILLED: "KILLED"}
+# Values of FAILURE_TAG
+DETERMINISTIC_FAILURE = "deterministic"  # bad config, data or weights: fails every time, never retried
+RETRIES_SPENT = "retries_spent"  # Ray retried it max_failures times
+MAX_TAG_CHARS = 8000  # MLflow's limit on a tag value: a longer message is cut there (whole in ERROR_ARTIFACT)
 
 # Artifacts
 SPEC_ARTIFACT = "spec.yaml"  # the parent's validated spec
 REPORT_ARTIFACT_PATH = "analysis"  # the parent's report, tables and figures (analysis/report.py)
 EVENTS_ARTIFACT = "events.json"  # a trial's divergence events, as its folder holds them
+ERROR_ARTIFACT = "error.txt"  # a failed trial's error message and traceback
 SAMPLES_PATTERN = "samples/iter_*.png"  # a trial's sample grids, one per evaluation
 
 
@@ -114,6 +130,11 @@ def cell_key(point: dict[str, Any]) -> str:
 def parse_cell(cell: str) -> dict[str, str]:
     """The axes of a CELL_TAG, values as written: 'beta1=0.5,lr=1e-3' -> {'beta1': '0.5', 'lr': '1e-3'}."""
     return dict(part.split("=", 1) for part in cell.split(",") if "=" in part)
+
+
+def trial_run_key(parent_run_id: str, cell: str, seed: int | str) -> str:
+    """RUN_KEY_TAG of a trial's run: its identity (parent run, cell, seed) as 32 hex digits."""
+    return hashlib.sha256(f"{parent_run_id}\0{cell}\0{seed}".encode()).hexdigest()[:32]
 
 
 def trial_run_name(point: dict[str, Any], seed: int | str, variant: str) -> str:

@@ -26,7 +26,7 @@ import yaml
 
 from study.layout import cell_key
 from study.spec import StudyError, StudySpec, corner_points, expand_grid, trial_config
-from study.tracking import _check_writable_folder
+from study.tracking import check_writable_folder
 from trainables.config import TrialConfig
 
 INCEPTION_METRICS = ("fid", "is", "kid")
@@ -49,11 +49,11 @@ class Preflight:
 def preflight(spec: StudySpec, *, ray_address: str | None = None) -> Preflight:
     """Check what the study's trials need before Ray starts; raise StudyError listing every failure.
 
-    ray_address: the cluster to join, as given on the command line (None: $RAY_ADDRESS, else a cluster that
-    `ray start` runs on this machine, else the study starts its own Ray here).
+    ray_address: the cluster the study joins (study.run.check_ray_address: --ray-address, else $RAY_ADDRESS);
+    None: it starts its own Ray here.
     """
     trials = study_trials(spec)
-    found = Preflight(cluster=cluster_address(ray_address))
+    found = Preflight(cluster=ray_address)
     errors = device_problems(spec, trials, found.warnings)
     if found.cluster is None:
         errors += local_resource_problems(spec)
@@ -153,29 +153,17 @@ def device_problems(spec: StudySpec, trials: list[tuple[str, TrialConfig]],
     return labelled(errors, trials)
 
 
-def cluster_address(explicit: str | None = None) -> str | None:
-    """The Ray cluster the study joins: `explicit`, $RAY_ADDRESS, else the one `ray start` last started on
-    this machine; None ("local" too) when the study starts its own Ray here. As ray.init() finds it."""
-    from ray._private.services import get_ray_address_from_environment  # ray.init()'s own lookup
-
-    try:
-        address = explicit or get_ray_address_from_environment(None, None)
-    except ConnectionError:  # RAY_ADDRESS=auto with no cluster to find: ray.init will say so itself
-        return None
-    return None if address in (None, "", "local") else address
-
-
 def local_resource_problems(spec: StudySpec) -> list[str]:
     """A trial's resources against this machine, where the study starts its own Ray."""
     import torch
 
     errors = []
-    here = "this machine (the study starts its own Ray here: no $RAY_ADDRESS, no `ray start` cluster)"
+    here = "this machine (the study starts its own Ray here: no --ray-address, no $RAY_ADDRESS)"
     gpus = torch.cuda.device_count()
     if spec.resources.gpu and not gpus:
         errors.append(f"resources.gpu: {spec.resources.gpu:g} GPU per trial, but {here} has no GPU (0 CUDA "
                       "devices), so no trial would ever start; valid: leave resources.gpu unset (null), or "
-                      "run on a Ray cluster with GPUs ($RAY_ADDRESS)")
+                      "run on a Ray cluster with GPUs (--ray-address)")
     cpus = len(os.sched_getaffinity(0))
     if spec.resources.cpus > cpus:
         errors.append(f"resources.cpus: {spec.resources.cpus:g} CPUs per trial, but {here} has {cpus}, so no "
@@ -292,7 +280,7 @@ def weights_problem(inception_weights: str | None) -> str | None:
 
 def cache_dir_problem(cache_dir: str) -> str | None:
     try:
-        _check_writable_folder(Path(cache_dir).expanduser(), "cache_dir")
+        check_writable_folder(Path(cache_dir).expanduser(), "cache_dir")
     except StudyError as exc:
         return str(exc)
     return None

@@ -1,18 +1,24 @@
 """Driver-side view of a running study: one line per ended trial, and the MLflow status of trials Ray ended.
 
-A trial's own adapter closes its MLflow run after its final report. Two endings never reach it: ASHA stopping
-the trial early (status `finished`, tag `stopped_early=1`) and a failure after the last retry (`failed`).
+A trial's own adapter closes its MLflow run after its final report (or, failed by a deterministic error, with
+the error). Two endings never reach it: ASHA stopping the trial early (status `finished`, tag
+`stopped_early=1`) and a failure after the last retry (`failed`, FAILURE_TAG `retries_spent`, the error).
+No MLflow error leaves a callback (Tune would end the driver with it): a run this could not close waits in
+`unclosed` for the driver's closing sweep (study/run.py), which waits out an outage of the server.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
 from study import layout
-from study.tracking import find_trial_run
+from study.tracking import find_trial_run, redacted
 
 
 class TrialStatusCallback(tune.Callback):
@@ -24,21 +30,26 @@ class TrialStatusCallback(tune.Callback):
         self.parent_run_id = parent_run_id
         self.total = total
         self.ended = 0
+        self.unclosed: list[tuple[str, int, dict[str, str]]] = []  # (cell, seed, tags to close with)
 
-    def _close_run(self, trial: Any, status: str) -> bool:
+    def __getstate__(self) -> dict[str, Any]:
+        # Ray pickles its callbacks into the experiment's tuner.pkl. The tracking URI stays out of it (it may
+        # hold a password, and the server may have moved by a --resume, which builds its own callback).
+        return {**self.__dict__, "tracking_uri": None}
+
+    def _close_run(self, trial: Any, tags: dict[str, str]) -> bool:
         """Close the trial's runs (a pack's: each member's) if the trial could not; True when it did."""
-        client = MlflowClient(self.tracking_uri)
         closed = False
         for point, seed in self._members(trial):
             cell = layout.cell_key(point)
-            run_id = find_trial_run(client, self.experiment_id, self.parent_run_id, cell, seed)
-            if run_id is None or client.get_run(run_id).data.tags.get(layout.STATUS_TAG) != layout.RUNNING:
-                continue  # not started, or the trial closed it itself
-            client.set_tag(run_id, layout.STATUS_TAG, status)
-            if status == layout.FINISHED:
-                client.set_tag(run_id, layout.STOPPED_EARLY_TAG, "1")
-            client.set_terminated(run_id, layout.MLFLOW_END_STATUS[status])
-            closed = True
+            try:
+                closed |= close_trial_run(MlflowClient(self.tracking_uri), self.experiment_id,
+                                          self.parent_run_id, cell, seed, tags)
+            except Exception as exc:  # the server is down, or answers an error: the closing sweep retries
+                self.unclosed.append((cell, seed, tags))
+                print(f"warning: could not close the MLflow run of {cell or '(base)'} seed {seed} "
+                      f"({redacted(str(exc)).splitlines()[0][:300]}); the study closes it at its end",
+                      file=sys.stderr, flush=True)
         return closed
 
     def _members(self, trial: Any) -> list[tuple[dict[str, Any], int]]:
@@ -55,7 +66,7 @@ class TrialStatusCallback(tune.Callback):
     def _print(self, trial: Any, ending: str) -> None:
         self.ended += len(self._members(trial))
         result = trial.last_result or {}
-        objective = result.get("objective")
+        objective = None if result.get("failed") else result.get("objective")  # a failure's is a stand-in
         shown = f"objective {objective:.4g}" if isinstance(objective, int | float) else "no objective"
         cause = result.get("divergence_cause") or ""
         print(f"[{self.ended}/{self.total or '?'}] {self._describe(trial)}: {ending}"
@@ -71,16 +82,38 @@ class TrialStatusCallback(tune.Callback):
               flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if self._close_run(trial, layout.FINISHED):
+        result, members = trial.last_result or {}, len(self._members(trial))
+        if result.get("failed"):  # a deterministic error: the trial closed its runs FAILED itself
+            self._print(trial, f"FAILED, not retried: {str(result.get('error', ''))[:300]}")
+        elif self._close_run(trial, {layout.STATUS_TAG: layout.FINISHED, layout.STOPPED_EARLY_TAG: "1"}):
             self._print(trial, "stopped early by the scheduler")
+        elif members > 1:
+            diverged = int(result.get("diverged", 0))
+            self._print(trial, f"{members - diverged} finished, {diverged} diverged")
         else:
-            result, members = trial.last_result or {}, len(self._members(trial))
-            if members > 1:
-                diverged = int(result.get("diverged", 0))
-                self._print(trial, f"{members - diverged} finished, {diverged} diverged")
-            else:
-                self._print(trial, "diverged" if result.get("diverged") else "finished")
+            self._print(trial, "diverged" if result.get("diverged") else "finished")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close_run(trial, layout.FAILED)
+        self._close_run(trial, {layout.STATUS_TAG: layout.FAILED, layout.FAILURE_TAG: layout.RETRIES_SPENT,
+                                layout.ERROR_TAG: ray_error(trial)})
         self._print(trial, "FAILED")
+
+
+def close_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, cell: str, seed: int,
+                    tags: dict[str, str]) -> bool:
+    """Close the trial's run with `tags` (STATUS_TAG among them) if it is still RUNNING; True when it was."""
+    run_id = find_trial_run(client, experiment_id, parent_run_id, cell, seed)
+    if run_id is None or client.get_run(run_id).data.tags.get(layout.STATUS_TAG) != layout.RUNNING:
+        return False  # not started, or the trial closed it itself
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    client.set_terminated(run_id, layout.MLFLOW_END_STATUS[tags[layout.STATUS_TAG]])
+    return True
+
+
+def ray_error(trial: Any) -> str:
+    """The last line of the error Ray recorded for a failed trial (its error.txt), for ERROR_TAG."""
+    try:
+        lines = Path(trial.error_file).read_text().strip().splitlines() if trial.error_file else []
+    except OSError:
+        lines = []
+    return redacted(lines[-1] if lines else "the trial's process failed")[:layout.MAX_TAG_CHARS]

@@ -1,12 +1,16 @@
 """Run a study: `python -m study [--study NAME|PATH] [--set key=value ...] [--resume] [--tracking-uri URI]
-[--storage PATH] [--dry-run]`, or the same as `python study/run.py ...` (the file `ray submit` runs).
+[--storage PATH] [--ray-address auto|HOST:PORT] [--dry-run]`, or the same as `python study/run.py ...` (the
+file `ray submit` runs).
 
-Validates the whole spec, the tracking URI and the storage first, then runs the pre-flight
-(study/preflight.py: data, weights, cache, devices, resources; exit code 2 and a message naming each problem;
-nothing is started or written). Then joins the Ray cluster it runs on (`ray submit`, $RAY_ADDRESS) or
-starts a local Ray, creates the study's MLflow parent run, and runs every trial through Ray Tune, printing
-progress.
-`--dry-run` prints the expanded trials and the resources they need, after the pre-flight, and starts nothing.
+Validates the whole spec, the tracking URI, the storage and the Ray address first, then runs the
+pre-flight (study/preflight.py: data, weights, cache, devices, resources); each refusal is exit code 2 and a
+message naming the problem, with nothing started or written. Then starts a Ray of its own, or joins the
+cluster that `--ray-address` or $RAY_ADDRESS names (never one it merely finds on the machine), checks the
+trials' resources against it, creates the study's MLflow parent run and its state file in the storage, and
+runs every trial through Ray Tune, printing progress. `--resume` restores the Ray experiment the study's
+state file names (`study/tracking.py`), only with the spec it started with. At every exit the parent run and
+every trial run get a terminal status. `--dry-run` prints the expanded trials and the resources they need,
+after the pre-flight, and starts nothing.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse
+import errno
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -31,14 +37,20 @@ from study.spec import StudyError, StudySpec, expand_grid, grid_packs, load_spec
 from study.tracking import (
     check_storage,
     check_tracking_uri,
-    latest_parent_run,
+    quiet_mlflow,
+    read_study_state,
+    redacted,
     resolve_storage,
     resolve_tracking_uri,
+    resume_fields,
+    spec_digest,
+    state_path,
 )
 from study.tuning import trial_count, trial_resources
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 SHOWN_FIELDS = ("g_lr", "d_lr", "beta1", "beta2", "n_dis", "variant", "scale", "iterations")
+RAY_ADDRESS = re.compile(r"auto|local|[A-Za-z0-9_.-]+:\d{1,5}|\[[0-9A-Fa-f:.]+\]:\d{1,5}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                "sqlite:///mlflow.db)")
     parser.add_argument("--storage", help="Ray results: local/NFS path or s3:// (default: spec, "
                                           "$GAN_STABILITY_STORAGE, ./runs)")
+    parser.add_argument("--ray-address", metavar="auto|HOST:PORT",
+                        help="join this Ray cluster (`auto`: the one `ray start` runs on this machine; "
+                             "default: $RAY_ADDRESS, else a Ray of the study's own)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the trials and resources; start nothing")
     return parser.parse_args(argv)
@@ -64,7 +79,7 @@ def print_plan(spec: StudySpec, preset: str, tracking_uri: str, storage: str) ->
     count = trial_count(spec)
     print(f"study {spec.name} ({'preset ' + preset if preset else 'file'}): {spec.search.kind} search, "
           f"axes {', '.join(spec.axis_names) or '(none)'}")
-    print(f"tracking {tracking_uri}; storage {storage}")
+    print(f"tracking {redacted(tracking_uri)}; storage {redacted(storage)}")
     print(f"each trial: {resources['cpu']:g} CPU, {resources['gpu']:g} GPU; at most "
           f"{spec.max_concurrent or 'as many as fit'} at once")
     if spec.search.kind == "grid":
@@ -89,87 +104,148 @@ def print_plan(spec: StudySpec, preset: str, tracking_uri: str, storage: str) ->
             print(f"  {name}: {json.dumps(shown)}")
 
 
-def check_resume(spec: StudySpec, tracking_uri: str) -> None:
-    """--resume needs the study's parent run and its Ray experiment, with the same spec."""
-    from mlflow.tracking import MlflowClient
+def check_resume(spec: StudySpec, tracking_uri: str, storage: str) -> dict[str, Any]:
+    """--resume needs the study's state file in this storage, its Ray experiment and its parent run in this
+    tracking store, and the spec it started with (compared both ways: a key removed is a difference too).
+    Returns the state. Nothing comes from tracking tags: anyone who reaches the tracking server can set them,
+    and Ray unpickles what is in the folder it restores."""
+    from mlflow.exceptions import MlflowException
     from ray import tune
+
+    from study.tracking import tracking_client
 
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
         raise StudyError(f"--resume: no tracking database {tracking_uri.removeprefix('sqlite:///')}")
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(spec.tracking.experiment or spec.name)
-    parent = latest_parent_run(client, experiment.experiment_id, spec.name) if experiment else None
-    if parent is None:
-        raise StudyError(f"--resume: no earlier run of study {spec.name!r} in {tracking_uri}")
-    path = parent.data.tags.get(layout.RAY_EXPERIMENT_TAG, "")
+    state = read_study_state(storage, spec.name)
+    if state is None:
+        raise StudyError(f"--resume: study {spec.name!r} was never started with storage {redacted(storage)} "
+                         f"(no {redacted(state_path(storage, spec.name))})")
+    path = f"{storage.rstrip('/')}/{state['ray_folder']}"
     if not tune.Tuner.can_restore(path):
-        raise StudyError(f"--resume: the Ray experiment {path!r} of study {spec.name!r} cannot be restored")
-    changed = sorted(key for key, value in layout.flatten(spec.model_dump(mode="json")).items()
-                     if parent.data.params.get(key) != value)
+        raise StudyError(f"--resume: the Ray experiment {redacted(path)} of study {spec.name!r} cannot be "
+                         "restored")
+    now = resume_fields(spec)
+    changed = spec_changes(state["spec"], now)
     if changed:
-        raise StudyError(f"--resume: the spec differs from the interrupted study's in {', '.join(changed)}")
+        raise StudyError(f"--resume: the spec differs from the one study {spec.name!r} started with in "
+                         f"{'; '.join(changed)}; resume with that spec, or start the study afresh")
+    if spec_digest(now) != state.get("spec_hash"):
+        raise StudyError(f"--resume: {redacted(state_path(storage, spec.name))} is inconsistent (its spec "
+                         "hash is not its spec's)")
+    try:
+        parent = tracking_client(tracking_uri).get_run(state["parent_run_id"])
+    except MlflowException:
+        raise StudyError(f"--resume: the parent run {state['parent_run_id']} of study {spec.name!r} is not "
+                         f"at {redacted(tracking_uri)}; pass the --tracking-uri the study ran with (or where "
+                         "its server moved)") from None
+    tags = parent.data.tags
+    if (tags.get(layout.ROLE_TAG), tags.get(layout.STUDY_TAG)) != (layout.STUDY_ROLE, spec.name):
+        raise StudyError(f"--resume: run {state['parent_run_id']} at {redacted(tracking_uri)} is not the "
+                         f"parent run of study {spec.name!r}")
+    return state
 
 
-def init_ray() -> None:
-    """Join the cluster this runs on ($RAY_ADDRESS, or `ray start` on this machine), else start Ray here."""
+def spec_changes(before: dict[str, str], now: dict[str, str]) -> list[str]:
+    """Each flattened key whose value differs, one on a single side included: `base.n_dis (2 -> unset)`."""
+    def shown(values: dict[str, str], key: str) -> str:
+        return values[key][:60] if key in values else "unset"
+
+    return [f"{key} ({shown(before, key)} -> {shown(now, key)})" for key in sorted(set(before) | set(now))
+            if before.get(key) != now.get(key)]
+
+
+def check_ray_address(cli_address: str | None) -> str | None:
+    """The Ray cluster to join (--ray-address, else $RAY_ADDRESS), checked; None: start a Ray of our own."""
+    address = cli_address or os.environ.get("RAY_ADDRESS") or None
+    what = "--ray-address" if cli_address else "$RAY_ADDRESS"
+    if address is not None and not RAY_ADDRESS.fullmatch(address):
+        raise StudyError(f"{what} {redacted(address)}: expected auto, local or HOST:PORT (the cluster's GCS "
+                         "address; the driver runs on the cluster, not through Ray Client or the dashboard)")
+    return None if address == "local" else address
+
+
+def init_ray(address: str | None) -> None:
+    """Join the cluster `address` names (`auto`: the one `ray start` runs on this machine); with None, start
+    a Ray of this driver's own. A Ray found running on the machine is never joined unasked: it may be
+    anyone's, and the trials would die with its driver."""
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
+    if address is None:
+        ray.init(address="local", include_dashboard=False)
+    else:
         ray.init(address=address)
-        return
-    try:
-        ray.init(address="auto")
-    except ConnectionError:
-        ray.init(include_dashboard=False)
 
 
-def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str, resume: bool) -> int:
-    """Run (or resume) the study under its MLflow parent run; 0 when every trial ended (diverged or not)."""
-    from mlflow.tracking import MlflowClient
-
+def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str,
+              state: dict[str, Any] | None) -> int:
+    """Run (or, given the state of its last start, resume) the study under its MLflow parent run, on the Ray
+    main() joined; 0 when every trial ended (diverged or not), 1 when one failed or the study was
+    interrupted."""
     from analysis.report import build_report, report_folder
     from study.adapter import StudyContext, run_trial
     from study.progress import TrialStatusCallback
-    from study.tracking import create_parent_run, finish_parent_run, study_experiment
+    from study.tracking import (
+        TrackingGuard,
+        close_runs_of_dead_drivers,
+        create_parent_run,
+        new_ray_folder,
+        reopen_parent_run,
+        study_experiment,
+        tracking_client,
+        write_study_state,
+    )
     from study.tuning import build_tuner, restore_tuner, trainable
 
-    client = MlflowClient(tracking_uri)
+    client = tracking_client(tracking_uri)
     experiment_id = study_experiment(client, spec)
-    if resume:
-        parent = latest_parent_run(client, experiment_id, spec.name)
-        parent_run_id, ray_path = parent.info.run_id, parent.data.tags[layout.RAY_EXPERIMENT_TAG]
-        client.update_run(parent_run_id, status="RUNNING")
-        client.set_tag(parent_run_id, layout.STATUS_TAG, layout.RUNNING)
+    for closed in close_runs_of_dead_drivers(client, experiment_id, spec.name):
+        print(f"closed parent run {closed} of a driver that died, and its running trial runs, as "
+              f"{layout.KILLED}", flush=True)
+    if state is not None:
+        parent_run_id, ray_folder = state["parent_run_id"], state["ray_folder"]
+        reopen_parent_run(client, parent_run_id)
     else:
-        ray_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        ray_path = f"{storage.rstrip('/')}/{ray_name}"
-        parent_run_id = create_parent_run(client, experiment_id, spec, preset, ray_path, REPOSITORY)
+        ray_folder = new_ray_folder(spec.name)
+        parent_run_id = create_parent_run(client, experiment_id, spec, preset,
+                                          f"{storage.rstrip('/')}/{ray_folder}", REPOSITORY)
+        write_study_state(storage, spec, ray_folder, parent_run_id)
+    ray_path = f"{storage.rstrip('/')}/{ray_folder}"
     print(f"study {spec.name}: MLflow experiment {experiment_id}, parent run {parent_run_id} at "
-          f"{tracking_uri}; Ray results in {ray_path}", flush=True)
+          f"{redacted(tracking_uri)}; Ray results in {redacted(ray_path)}", flush=True)
 
-    init_ray()
-    context = StudyContext(spec=spec.model_dump(mode="json"), tracking_uri=tracking_uri,
-                           experiment_id=experiment_id, parent_run_id=parent_run_id, cwd=str(Path.cwd()))
-    trainable_fn = trainable(run_trial, spec, context=context)
-    status = layout.FAILED
+    callback = TrialStatusCallback(tracking_uri, experiment_id, parent_run_id, trial_count(spec), spec.seeds)
+    status = layout.FAILED  # unless the study gets further
     try:
-        if resume:
-            tuner = restore_tuner(ray_path, trainable_fn)
+        context = StudyContext(spec=spec.model_dump(mode="json"), tracking_uri=tracking_uri,
+                               experiment_id=experiment_id, parent_run_id=parent_run_id, cwd=str(Path.cwd()),
+                               storage=storage)
+        trainable_fn = trainable(run_trial, spec, context=context)
+        if state is not None:
+            tuner = restore_tuner(ray_path, trainable_fn, [callback])
         else:
-            tuner = build_tuner(spec, trainable_fn, storage, ray_path.rsplit("/", 1)[1],
-                                [TrialStatusCallback(tracking_uri, experiment_id, parent_run_id,
-                                                     trial_count(spec), spec.seeds)])
+            tuner = build_tuner(spec, trainable_fn, storage, ray_folder, [callback])
         cpu_started = time.process_time()
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            print(f"error: no space left on device writing {exc.filename or 'Ray experiment state'} "
+                  f"(Ray's storage {redacted(storage)}): {exc.strerror}; free space and --resume",
+                  file=sys.stderr, flush=True)
+            return 1
         driver_cpu_s = time.process_time() - cpu_started
         ended, failed = tally(results)
         unfinished = (trial_count(spec) or len(results)) - ended - failed
-        status = layout.FINISHED if unfinished == 0 and not failed else layout.FAILED
+        status = layout.FAILED if failed else layout.KILLED if unfinished > 0 else layout.FINISHED
+    except (KeyboardInterrupt, SystemExit):  # a second Ctrl+C, or SIGTERM (Ray's handler exits)
+        status = layout.KILLED
+        raise
     finally:
-        finish_parent_run(client, parent_run_id, status)
+        close_study(client, TrackingGuard(tracking_uri, spec.tracking.outage_wait_s), experiment_id,
+                    parent_run_id, callback, status)
 
     frame = results.get_dataframe() if len(results) else None
     print(summarize(frame, ended, failed), flush=True)
@@ -177,15 +253,35 @@ def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str, res
         print(overhead(frame, driver_cpu_s), flush=True)
     if unfinished > 0:
         print(f"interrupted: {unfinished} trials unfinished; continue with --resume", flush=True)
-    print(f"report: {build_report(spec.name, tracking_uri, report_folder(spec.name))}", flush=True)
-    browse = (tracking_uri if tracking_uri.startswith(("http://", "https://"))
-              else f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000")
+    report = build_report(spec.name, tracking_uri, report_folder(spec.name), run_id=parent_run_id)
+    print(f"report: {report}", flush=True)
+    browse = (redacted(tracking_uri) if tracking_uri.startswith(("http://", "https://"))
+              else f"mlflow ui --backend-store-uri {redacted(tracking_uri)}, then http://127.0.0.1:5000")
     print(f"browse: {browse.rstrip('/')}{layout.review_path(experiment_id)}", flush=True)
     return 0 if status == layout.FINISHED else 1
 
 
+def close_study(client: Any, guard: Any, experiment_id: str, parent_run_id: str, callback: Any,
+                status: str) -> None:
+    """Terminal statuses at the driver's end: the runs the callback could not close get theirs, every trial
+    run still RUNNING is KILLED (cut off by this end: --resume continues it), the parent gets `status`. An
+    outage of the tracking server is waited out (`guard`); what still fails is closed by the next start."""
+    from study.progress import close_trial_run
+    from study.tracking import close_running_trial_runs, finish_parent_run
+
+    try:
+        for cell, seed, tags in callback.unclosed:
+            guard(close_trial_run, client, experiment_id, parent_run_id, cell, seed, tags)
+        guard(close_running_trial_runs, client, experiment_id, parent_run_id, layout.KILLED)
+        guard(finish_parent_run, client, parent_run_id, status)
+    except Exception as exc:
+        print(f"warning: the study's MLflow runs could not be closed ({redacted(str(exc)).splitlines()[0]}); "
+              "the next start or --resume of the study closes them", file=sys.stderr, flush=True)
+
+
 def tally(results: Any) -> tuple[int, int]:
-    """(trials ended, trials failed) of a study's Tune results; a pack counts its members."""
+    """(trials ended, trials failed) of a study's Tune results; a pack counts its members. A failed trial is
+    one Ray's retries did not save, or one failed by a deterministic error (`failed` in its last result)."""
     ended = failed = 0
     for result in results:
         members = len(result.config.get("pack", [None]))
@@ -193,6 +289,9 @@ def tally(results: Any) -> tuple[int, int]:
             failed += members
         elif members > 1:  # a pack's every result counts its members ended so far (study/adapter.py)
             ended += int(result.metrics.get("members_ended", 0))
+            failed += int(result.metrics.get("failed", 0))
+        elif result.metrics.get("failed"):  # a deterministic error: ended normally, not retried
+            failed += 1
         # Ray marks `done` on trials whose function returned; an interrupt (Ctrl+C) leaves the rest without.
         # A trial that ended just before its driver was killed is restored without `done`, but its last
         # result is its final report, the only one that carries `divergence_step` (trainables/train.py).
@@ -221,36 +320,42 @@ def overhead(frame: Any, driver_cpu_s: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact read
+    quiet_mlflow()
     cwd = Path.cwd()
+    state = None
     try:
         spec, preset = load_spec(args.study, args.overrides)
         tracking_uri = resolve_tracking_uri(args.tracking_uri, spec, cwd)
         storage = resolve_storage(args.storage, spec, cwd)
         check_tracking_uri(tracking_uri)
         check_storage(storage)
-        found = preflight(spec)
+        ray_address = check_ray_address(args.ray_address)
+        found = preflight(spec, ray_address=ray_address)
         for warning in found.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         if args.dry_run:
             print_plan(spec, preset, tracking_uri, storage)
             return 0
         if args.resume:
-            check_resume(spec, tracking_uri)
+            state = check_resume(spec, tracking_uri, storage)
     except StudyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redacted(str(exc))}", file=sys.stderr)
         return 2
-    init_ray()
-    try:  # the pre-flight's part that asks Ray, before the study's first MLflow write
-        for note in check_cluster(spec, found):
-            print(note, flush=True)
-    except StudyError as exc:
-        import ray
+    try:
+        init_ray(ray_address)
+        try:  # the pre-flight's part that asks Ray, before the study's first MLflow write
+            for note in check_cluster(spec, found):
+                print(note, flush=True)
+        except StudyError as exc:
+            import ray
 
-        print(f"error: {exc}", file=sys.stderr)
-        ray.shutdown()
-        return 2
-    return run_study(spec, preset, tracking_uri, storage, args.resume)
+            print(f"error: {redacted(str(exc))}", file=sys.stderr)
+            ray.shutdown()
+            return 2
+        return run_study(spec, preset, tracking_uri, storage, state)
+    except KeyboardInterrupt:
+        print("interrupted: continue with --resume", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

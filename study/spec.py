@@ -157,6 +157,9 @@ class BudgetSpec(StrictModel):
 class TrackingSpec(StrictModel):
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
     experiment: str | None = None  # None: the study's name
+    # Seconds a trial (and the driver, closing its runs) waits for an unreachable HTTP tracking server's
+    # /health before its call fails; on top of MLflow's own retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES).
+    outage_wait_s: float = Field(600.0, ge=0)
 
 
 class StudySpec(StrictModel):

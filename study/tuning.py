@@ -198,6 +198,14 @@ def build_tuner(spec: StudySpec, trainable_fn: Any, storage: str, ray_name: str,
                       run_config=run_config)
 
 
-def restore_tuner(path: str, trainable_fn: Any) -> tune.Tuner:
-    """Continue an interrupted study: unfinished trials resume from their checkpoints, errored ones too."""
-    return tune.Tuner.restore(path, trainable_fn, resume_unfinished=True, resume_errored=True)
+def restore_tuner(path: str, trainable_fn: Any, callbacks: list[tune.Callback]) -> tune.Tuner:
+    """Continue an interrupted study: unfinished trials resume from their checkpoints, errored ones too.
+
+    `path` must be the study's own Ray folder (study/tracking.py: read_study_state): Ray unpickles its
+    tuner.pkl. The trainable (with this driver's tracking URI) and the callbacks are this driver's, never the
+    pickled ones: Ray keeps the run config of the first start, callbacks included, and offers no public way to
+    replace them (ray-project/ray#41364), hence its TunerInternal's run config.
+    """
+    tuner = tune.Tuner.restore(path, trainable_fn, resume_unfinished=True, resume_errored=True)
+    tuner._local_tuner.get_run_config().callbacks = [*callbacks, CheckpointRetention()]
+    return tuner

@@ -96,8 +96,18 @@ def ray_local():
     """A real local Ray (2 CPUs, no dashboard) shared by the tests that run studies in this process."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a Ray of the tests' own, never one `ray start` runs on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def studies() -> list:
+    """The studies a test starts (test_reliability_faults.py: Study), each stopped with its Ray at the end."""
+    started: list = []
+    yield started
+    for study in started:
+        study.stop()

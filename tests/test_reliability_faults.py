@@ -129,14 +129,6 @@ class Study:
         kill_all(sorted(self.ray_processes))
 
 
-@pytest.fixture
-def studies():
-    started: list[Study] = []
-    yield started
-    for study in started:
-        study.stop()
-
-
 # ---- MLflow read-back ------------------------------------------------------------------------------------
 
 def trial_runs(client: MlflowClient, name: str) -> list:

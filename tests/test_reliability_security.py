@@ -41,7 +41,7 @@ def repository_files(suffixes: tuple[str, ...] = ()) -> list[Path]:
 
 def test_cluster_mlflow_binds_the_private_ip_and_no_public_port_is_opened():
     config = yaml.safe_load((REPOSITORY / "cluster.yaml").read_text())
-    [server] = [line for line in config["head_start_ray_commands"] if line.startswith("nohup mlflow server")]
+    [server] = [line for line in config["head_start_ray_commands"] if " mlflow server " in line]
     # `hostname -I` lists the addresses of the node's own interfaces: on EC2 the private one (public IPs are
     # NAT'ed by AWS and never on an interface).
     assert server.count("--host ") == 1 and "--host $(hostname -I | awk '{print $1}')" in server
@@ -146,7 +146,7 @@ SECRETS = {
     "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
     "GitHub token": re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36}\b"),
     "Slack token": re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
-    "password in a URI": re.compile(r"[a-z+]+://[^/\s:@'\"]+:[^/\s@'\"{}$]+@"),
+    "password in a URI": re.compile(r"[a-z+]+://[^/\s:@'\"]+:(?!\*+@)[^/\s@'\"{}$]+@"),  # *** : redacted
     "assigned password or token": re.compile(
         r"\b(password|passwd|api_key|apikey|secret|token)\s*[=:]\s*['\"][^'\"\s]{8,}['\"]", re.IGNORECASE),
 }
@@ -171,3 +171,7 @@ def test_no_file_of_the_repository_holds_a_credential():
 ])
 def test_the_secret_patterns_catch_what_they_are_for(kind, line):
     assert SECRETS[kind].search(line)
+
+
+def test_a_redacted_password_in_a_uri_is_no_credential():
+    assert not SECRETS["password in a URI"].search("tracking postgresql://mlflow:***@db:5432/mlflow")

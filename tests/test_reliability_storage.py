@@ -1,6 +1,7 @@
 """Damaged checkpoints and bad storage: a corrupt or truncated checkpoint is refused naming the file; a full
-disk at a checkpoint keeps the previous one whole and resumable; unwritable storage is refused at the edge
-with what was already written left as it was.
+disk at a checkpoint keeps the previous one whole and resumable; a full disk under Ray's storage, as Ray
+copies a checkpoint there, is named with the folder; unwritable storage is refused at the edge with what was
+already written left as it was.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -174,6 +176,43 @@ def test_full_disk_at_a_pack_checkpoint_gets_the_single_trials_error_and_keeps_e
     summaries = train_pack(configs, [lambda metrics, checkpoint_dir=None, k=k: reports[k].append(
         metrics["iteration"]) for k in range(2)], workdir=workdir, resume_from=workdir / "checkpoint")
     assert reports == [[15, 20, 25, 30]] * 2 and all(summary["done"] == 1 for summary in summaries)
+
+
+def copy_into_full_storage(config: dict) -> None:
+    """A Tune trial whose checkpoint (on a disk with room) goes into Ray's storage, a disk just filled."""
+    from study.adapter import StudyContext, report_to_tune
+
+    checkpoint = Path(config["scratch"]) / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / CHECKPOINT_FILE).write_bytes(os.urandom(1 << 20))
+    fill(Path(config["storage"]))
+    context = StudyContext(spec={}, tracking_uri="", experiment_id="", parent_run_id="", cwd="",
+                           storage=config["storage"])
+    try:
+        report_to_tune({"iteration": 10, "objective": 1.0}, str(checkpoint), context)
+    finally:
+        (Path(config["storage"]) / "filler").unlink()  # room again for Ray's own record of the error
+
+
+def test_full_disk_under_rays_storage_at_a_checkpoint_copy_names_the_folder_and_its_free_space(
+        small_disk, ray_local, tmp_path):
+    from ray import cloudpickle, tune
+
+    tuner = tune.Tuner(copy_into_full_storage,
+                       param_space={"scratch": str(tmp_path / "scratch"), "storage": str(small_disk)},
+                       run_config=tune.RunConfig(name="full", storage_path=str(small_disk), verbose=0,
+                                                 failure_config=tune.FailureConfig(max_failures=0)))
+    this_module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(this_module)  # Ray's workers cannot import tests/ by name
+    try:
+        [result] = tuner.fit()
+    finally:
+        cloudpickle.unregister_pickle_by_value(this_module)
+    message = str(result.error)
+    source, trial = tmp_path / "scratch" / "checkpoint", small_disk / "full" / "copy_into_full_storage_"
+    assert f"cannot copy checkpoint {source} into Ray's storage {trial}" in message
+    assert "(no space left on device); " in message
+    assert "bytes free there; Ray keeps the previous checkpoint" in message
 
 
 # ---- unwritable storage ------------------------------------------------------------------------------------

@@ -204,7 +204,7 @@ def test_more_cpus_per_trial_than_this_machine_has_is_refused(edge, capsys):
     cpus = len(os.sched_getaffinity(0))
     err = refused(edge, capsys, write_spec(edge, resources={"cpus": cpus + 1}))
     assert (f"resources.cpus: {cpus + 1} CPUs per trial, but this machine (the study starts its own Ray "
-            f"here: no $RAY_ADDRESS, no `ray start` cluster) has {cpus}, so no trial would ever start; "
+            f"here: no --ray-address, no $RAY_ADDRESS) has {cpus}, so no trial would ever start; "
             f"valid: > 0 and <= {cpus}") in err
 
 
@@ -219,7 +219,7 @@ def test_a_gpu_share_on_a_machine_without_a_gpu_is_refused_by_the_script_before_
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     assert ("resources.gpu: 1 GPU per trial, but this machine (the study starts its own Ray here: no "
-            "$RAY_ADDRESS, no `ray start` cluster) has no GPU (0 CUDA devices), so no trial would ever "
+            "--ray-address, no $RAY_ADDRESS) has no GPU (0 CUDA devices), so no trial would ever "
             "start; valid: leave resources.gpu unset (null)") in result.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()  # no MLflow, no Ray
 

@@ -61,6 +61,10 @@ MNIST_RAW_FILES = (
 _RESIZE_CHUNK = 256  # images resized at a time: bounds the float32 working memory of preparation
 
 
+class ImageDecodeError(RuntimeError, ValueError):
+    """An image file that cannot be decoded (empty, truncated, not an image): bad input, met on every read."""
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are not where they should be; the message says where and how to get them."""
 
@@ -154,7 +158,7 @@ class ImageFiles(ImageSource):
             # EXIF orientation applied: the image the right way up, as viewers show it.
             image = decode_image(path, mode=ImageReadMode.RGB, apply_exif_orientation=True)
         except RuntimeError as exc:
-            raise RuntimeError(f"{self.name}: cannot decode {path}: {exc}") from exc
+            raise ImageDecodeError(f"{self.name}: cannot decode {path}: {exc}") from exc
         height, width = image.shape[-2:]
         side = min(height, width) if self.crop is None else self.crop
         if side > min(height, width):
