@@ -8,12 +8,12 @@ One experiment per study (`tracking.experiment`, else the study's name), holding
   REPORT_ARTIFACT_PATH.
 - one child run per trial (a pack's member too), named `trial_run_name`. Tags: PARENT_RUN_ID_TAG,
   ROLE_TAG = TRIAL_ROLE, STUDY_TAG, TRIAL_ID_TAG, CELL_TAG (`cell_key` of the trial's axes), SEED_TAG,
-  STATUS_TAG (one of TRIAL_STATUSES), DIVERGED_TAG ("0" or "1"), DIVERGENCE_CAUSE_TAG, DIVERGENCE_STEP_TAG,
-  NODE_ID_TAG, GPU_IDS_TAG, RESOURCES_TAG; a pack's member also PACK_TAG (its Ray trial id) and
-  PACK_MEMBER_TAG (its index); a trial ASHA stopped STOPPED_EARLY_TAG = "1". Params: the TrialConfig,
-  `flatten`ed. Metrics: each report of the trial (trainables/train.py) under its keys, at step = its
-  `iteration`. Artifacts: the files of the trial's folder matching SAMPLES_PATTERN, and EVENTS_ARTIFACT (the
-  divergence events, a JSON list).
+  STATUS_TAG (one of TRIAL_STATUSES), OUTCOME_TAG (one of OUTCOMES, once ended), DIVERGED_TAG ("0" or "1"),
+  DIVERGENCE_CAUSE_TAG, DIVERGENCE_STEP_TAG, NODE_ID_TAG, GPU_IDS_TAG, RESOURCES_TAG; a pack's member also
+  PACK_TAG (its Ray trial id) and PACK_MEMBER_TAG (its index); a trial ASHA stopped STOPPED_EARLY_TAG = "1".
+  Params: the TrialConfig, `flatten`ed. Metrics: each report of the trial (trainables/train.py) under its
+  keys, at step = its `iteration`. Artifacts: the files of the trial's folder matching SAMPLES_PATTERN, and
+  EVENTS_ARTIFACT (the divergence events, a JSON list).
 
 Plain Python (no MLflow, Ray or torch), so that the reader, the writer and the tests share it freely.
 """
@@ -21,7 +21,10 @@ Plain Python (no MLflow, Ray or torch), so that the reader, the writer and the t
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
+
+from trainables.config import TRIAL_OUTCOMES
 
 # Tags of both kinds of run
 ROLE_TAG = "role"  # what a run is: STUDY_ROLE or TRIAL_ROLE
@@ -38,6 +41,7 @@ PARENT_RUN_ID_TAG = "mlflow.parentRunId"  # MLflow's own: nests the run under th
 TRIAL_ID_TAG = "trial_id"  # Ray Tune's trial id (a pack's member: `<pack's trial id>_<member>`)
 CELL_TAG = "cell"
 SEED_TAG = "seed"
+OUTCOME_TAG = "outcome"  # the trial's verdict, one of OUTCOMES; absent while it runs (see `outcome`)
 DIVERGED_TAG = "diverged"
 DIVERGENCE_CAUSE_TAG = "divergence_cause"  # one of trainables.config.DIVERGENCE_CAUSES, "" when none
 DIVERGENCE_STEP_TAG = "divergence_step"  # generator iteration, "-1" when none
@@ -59,6 +63,10 @@ FAILED = "failed"
 TRIAL_STATUSES = (RUNNING, FINISHED, DIVERGED, FAILED)
 ENDED_STATUSES = (FINISHED, DIVERGED)  # set by the trial itself (or ASHA's stop): its result stands
 STUDY_STATUSES = (RUNNING, FINISHED, FAILED)
+# Values of OUTCOME_TAG (README: Outcomes): a trial's own verdict in its final report (trainables.config's
+# TRIAL_OUTCOMES: stable, diverged, collapsed, no_learning), or FAILED, written on the failure path.
+STABLE, COLLAPSED, NO_LEARNING = (TRIAL_OUTCOMES[i] for i in (0, 2, 3))  # [1] is DIVERGED, the status's
+OUTCOMES = (*TRIAL_OUTCOMES, FAILED)
 # The MLflow run status each ended status closes its run with.
 MLFLOW_END_STATUS = {FINISHED: "FINISHED", DIVERGED: "FINISHED", FAILED: "FAILED"}
 
@@ -67,6 +75,21 @@ SPEC_ARTIFACT = "spec.yaml"  # the parent's validated spec
 REPORT_ARTIFACT_PATH = "analysis"  # the parent's report, tables and figures (analysis/report.py)
 EVENTS_ARTIFACT = "events.json"  # a trial's divergence events, as its folder holds them
 SAMPLES_PATTERN = "samples/iter_*.png"  # a trial's sample grids, one per evaluation
+
+
+def outcome(tags: Mapping[str, str], mlflow_status: str = "FINISHED") -> str:
+    """A trial run's outcome (one of OUTCOMES), or RUNNING while it has none, from its tags and MLflow state.
+
+    OUTCOME_TAG when set. Else (a run ASHA stopped early, or one written before outcomes were tagged): FAILED
+    for a failed or killed run, RUNNING for one not ended, else DIVERGED or STABLE as DIVERGED_TAG says."""
+    if tags.get(OUTCOME_TAG) in OUTCOMES:
+        return tags[OUTCOME_TAG]
+    status = tags.get(STATUS_TAG)
+    if mlflow_status in ("FAILED", "KILLED") or status == FAILED:
+        return FAILED
+    if status == RUNNING or (status not in ENDED_STATUSES and mlflow_status != "FINISHED"):
+        return RUNNING
+    return DIVERGED if tags.get(DIVERGED_TAG) == "1" else STABLE
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:

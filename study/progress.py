@@ -6,6 +6,7 @@ the trial early (status `finished`, tag `stopped_early=1`) and a failure after t
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from mlflow.tracking import MlflowClient
@@ -25,15 +26,19 @@ class TrialStatusCallback(tune.Callback):
         self.total = total
         self.ended = 0
 
+    def _runs(self, trial: Any) -> list[tuple[MlflowClient, str]]:
+        """The MLflow run id of the trial (a pack's: of each member) that has one, with the client."""
+        client = MlflowClient(self.tracking_uri)
+        found = (find_trial_run(client, self.experiment_id, self.parent_run_id, layout.cell_key(point), seed)
+                 for point, seed in self._members(trial))
+        return [(client, run_id) for run_id in found if run_id is not None]
+
     def _close_run(self, trial: Any, status: str) -> bool:
         """Close the trial's runs (a pack's: each member's) if the trial could not; True when it did."""
-        client = MlflowClient(self.tracking_uri)
         closed = False
-        for point, seed in self._members(trial):
-            cell = layout.cell_key(point)
-            run_id = find_trial_run(client, self.experiment_id, self.parent_run_id, cell, seed)
-            if run_id is None or client.get_run(run_id).data.tags.get(layout.STATUS_TAG) != layout.RUNNING:
-                continue  # not started, or the trial closed it itself
+        for client, run_id in self._runs(trial):
+            if client.get_run(run_id).data.tags.get(layout.STATUS_TAG) != layout.RUNNING:
+                continue  # the trial closed it itself
             client.set_tag(run_id, layout.STATUS_TAG, status)
             if status == layout.FINISHED:
                 client.set_tag(run_id, layout.STOPPED_EARLY_TAG, "1")
@@ -73,13 +78,13 @@ class TrialStatusCallback(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self._close_run(trial, layout.FINISHED):
             self._print(trial, "stopped early by the scheduler")
+        elif len(self._members(trial)) > 1:  # each member's outcome is on its own run
+            outcomes = Counter(layout.outcome(run.data.tags, run.info.status)
+                               for run in (client.get_run(run_id) for client, run_id in self._runs(trial)))
+            self._print(trial, ", ".join(f"{outcomes[name]} {name}" for name in layout.OUTCOMES
+                                         if outcomes[name]))
         else:
-            result, members = trial.last_result or {}, len(self._members(trial))
-            if members > 1:
-                diverged = int(result.get("diverged", 0))
-                self._print(trial, f"{members - diverged} finished, {diverged} diverged")
-            else:
-                self._print(trial, "diverged" if result.get("diverged") else "finished")
+            self._print(trial, (trial.last_result or {}).get("outcome", "ended"))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._close_run(trial, layout.FAILED)

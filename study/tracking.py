@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
@@ -176,6 +177,19 @@ def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str,
     return runs[0].info.run_id if runs else None
 
 
+def trial_outcomes(client: MlflowClient, experiment_id: str, parent_run_id: str) -> Counter[str]:
+    """How many of the study's trial runs have each outcome (`layout.outcome`; RUNNING: none yet)."""
+    query = layout.tag_filter({layout.PARENT_RUN_ID_TAG: parent_run_id, layout.ROLE_TAG: layout.TRIAL_ROLE})
+    counts: Counter[str] = Counter()
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
+        counts.update(layout.outcome(run.data.tags, run.info.status) for run in page)
+        token = page.token
+        if not token:
+            return counts
+
+
 class TrialRun:
     """The MLflow child run of one trial: logs each report once, however often the trial is resumed."""
 
@@ -220,7 +234,7 @@ class TrialRun:
         trial then hands Tune this instead of training again.
         """
         tags, metrics = self._recorded.tags, self._recorded.metrics
-        return {**metrics, "iteration": int(metrics.get("iteration", 0)),
+        return {**metrics, "iteration": int(metrics.get("iteration", 0)), "outcome": layout.outcome(tags),
                 "divergence_cause": tags.get(layout.DIVERGENCE_CAUSE_TAG, ""),
                 "divergence_step": int(tags.get(layout.DIVERGENCE_STEP_TAG, -1))}
 
@@ -260,6 +274,7 @@ class TrialRun:
         diverged = int(summary.get("diverged", 0))
         status = layout.DIVERGED if diverged else layout.FINISHED
         tags = {layout.STATUS_TAG: status, layout.DIVERGED_TAG: str(diverged),
+                layout.OUTCOME_TAG: str(summary["outcome"]),
                 layout.DIVERGENCE_CAUSE_TAG: str(summary.get("divergence_cause", "")),
                 layout.DIVERGENCE_STEP_TAG: str(int(summary.get("divergence_step", -1)))}
         self.client.log_batch(self.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
