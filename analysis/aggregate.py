@@ -28,11 +28,12 @@ import numpy as np
 import pandas as pd
 
 from analysis.collect import StudyTables
+from study import layout
 
 N_BOOT = 10_000  # bootstrap resamples
 BOOT_SEED = 0  # every cell is resampled from this seed, so its interval does not depend on the other cells
-OUTCOMES = ("stable", "diverged", "collapsed", "no_learning", "failed")  # the design's outcome classes
-COMPLETE_OUTCOMES = ("stable", "diverged", "collapsed", "no_learning")  # a known result; failed: a crash
+OUTCOMES = layout.OUTCOMES  # stable, diverged, collapsed, no_learning, failed
+COMPLETE_OUTCOMES = tuple(name for name in OUTCOMES if name != layout.FAILED)  # failed: a crash, no result
 OPTIMISER = ("g_lr", "d_lr", "beta1", "beta2", "n_dis")  # the full optimiser setting of a paper-table column
 
 SUMMARY_COLUMNS = {
@@ -68,9 +69,9 @@ class AxisError(ValueError):
 def trial_outcomes(trials: pd.DataFrame) -> pd.Series:
     """The outcome of each trial: one of OUTCOMES, or "running" while it has none.
 
-    The `outcome` column when the trials table has one; until the collector writes it, from `status` and
-    `diverged`: running and failed as their status, a trial stopped on a divergence diverged, a finished one
-    stable.
+    The `outcome` column (analysis.collect writes it from each run's tags, study.layout.outcome); a table
+    without one (Parquet collected before the column existed) from `status` and `diverged`: running and failed
+    as their status, a trial stopped on a divergence diverged, a finished one stable.
     """
     if "outcome" in trials:
         return trials["outcome"].astype(object)

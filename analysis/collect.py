@@ -482,6 +482,7 @@ def _trials_frame(runs: list[Run]) -> pd.DataFrame:
                 "trial_id": tags.get(layout.TRIAL_ID_TAG, ""),
                 "cell": tags.get(layout.CELL_TAG, ""),
                 "status": status,
+                "outcome": layout.outcome(tags, run.info.status),
                 "complete": status in layout.ENDED_STATUSES,
                 "mlflow_status": run.info.status,
                 "diverged": tags.get(layout.DIVERGED_TAG, "0") == "1" or metrics.get("diverged", 0) == 1,

@@ -6,7 +6,7 @@ the data behind it. Figures use the Agg backend and are saved as PNG and SVG by 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +33,13 @@ from analysis.aggregate import (  # noqa: E402
 from analysis.collect import StudyTables  # noqa: E402
 
 CMAP = "viridis_r"  # lower metric (better) is brighter
-ALL_DIVERGED_COLOR = "#b0b0b0"
-ALL_DIVERGED_HATCH = "xx"
+# A cell without a stable seed has no median to colour it: it is painted with its most common outcome.
+OUTCOME_STYLE = {  # outcome -> (face colour, hatch)
+    "diverged": ("#b0b0b0", "xx"),
+    "collapsed": ("#f2b880", "//"),
+    "no_learning": ("#cfc6e8", ".."),
+}
+UNSTABLE_OUTCOMES = tuple(OUTCOME_STYLE)  # the complete outcomes other than stable, in label order
 # Axis pairs the report draws when the study swept both (the issue's list, in order).
 REPORT_PAIRS = (
     ("g_lr", "beta1"),
@@ -53,21 +58,36 @@ class HeatmapData:
     y: str
     panel: str | None  # the axis with one panel per value, None for one panel
     median: dict[str, pd.DataFrame]  # median final metric (NaN: no stable seed or no such cell)
-    n_diverged: dict[str, pd.DataFrame]
+    n_stable: dict[str, pd.DataFrame]
     n_complete: dict[str, pd.DataFrame]
-    all_diverged: dict[str, pd.DataFrame]  # bool
+    unstable: dict[str, pd.DataFrame]  # a cell without a stable seed: its most common outcome, else ''
     labels: dict[str, pd.DataFrame]  # the annotation text of each cell ('' for no such cell)
     vmin: float  # the shared colour scale
     vmax: float
 
 
-def cell_label(median: float, n_diverged: int, n_complete: int, n_running: int = 0) -> str:
-    """The annotation of one heatmap cell: the median, then e.g. "3/5 diverged" (or "all 5 diverged")."""
+def cell_label(median: float, outcomes: Mapping[str, int], n_running: int = 0) -> str:
+    """The annotation of one heatmap cell: the median over its stable seeds, "3/5 stable" over its complete
+    seeds, then a line per other outcome ("2 diverged"). outcomes: count per outcome (stable, diverged,
+    collapsed, no_learning; others ignored)."""
+    n_stable = outcomes.get("stable", 0)
+    n_complete = n_stable + sum(outcomes.get(name, 0) for name in UNSTABLE_OUTCOMES)
     if n_complete == 0:
         return f"{n_running} running" if n_running else "no result"
-    if n_diverged == n_complete:
-        return f"all diverged\n{n_diverged}/{n_complete} diverged"
-    return f"{median:.3g}\n{n_diverged}/{n_complete} diverged"
+    lines = [f"{median:.3g}"] if n_stable else []
+    lines.append(f"{n_stable}/{n_complete} stable")
+    lines += [f"{outcomes[name]} {name}" for name in UNSTABLE_OUTCOMES if outcomes.get(name)]
+    return "\n".join(lines)
+
+
+def unstable_outcome(outcomes: Mapping[str, int]) -> str:
+    """The outcome that paints a cell without a stable seed: its most common (ties: UNSTABLE_OUTCOMES order);
+    '' for a cell with a stable seed or without a complete one."""
+    if outcomes.get("stable", 0):
+        return ""
+    counts = [(outcomes.get(name, 0), -rank, name) for rank, name in enumerate(UNSTABLE_OUTCOMES)]
+    count, _, name = max(counts)
+    return name if count else ""
 
 
 def heatmap_data(
@@ -81,13 +101,15 @@ def heatmap_data(
         panel = None
     by = [x, y] + ([panel] if panel else [])
     summary = cell_summary(with_setting(tables) if "setting" in by else tables, by=by, value=value)
-    summary["label"] = [
-        cell_label(r.median, r.n_diverged, r.n_complete, r.n_running) for r in summary.itertuples()
-    ]
+    outcomes = [{name: int(row[f"n_{name}"]) for name in ("stable", *UNSTABLE_OUTCOMES)}
+                for _, row in summary.iterrows()]
+    summary["label"] = [cell_label(median, counts, running) for median, counts, running
+                        in zip(summary["median"], outcomes, summary["n_running"], strict=True)]
+    summary["unstable"] = [unstable_outcome(counts) for counts in outcomes]
     x_values, y_values = sorted(summary[x].unique()), sorted(summary[y].unique())
     groups = summary.groupby(panel, sort=True) if panel else [("all", summary)]
     out: dict[str, dict[str, pd.DataFrame]] = {
-        k: {} for k in ("median", "n_diverged", "n_complete", "all_diverged", "labels")
+        k: {} for k in ("median", "n_stable", "n_complete", "unstable", "labels")
     }
     for name, group in groups:
         name = name[0] if isinstance(name, tuple) else name
@@ -97,9 +119,9 @@ def heatmap_data(
             return table.fillna(fill).infer_objects() if fill is not None else table.astype(float)
 
         out["median"][str(name)] = pivot("median", None)
-        out["n_diverged"][str(name)] = pivot("n_diverged", 0).astype(int)
+        out["n_stable"][str(name)] = pivot("n_stable", 0).astype(int)
         out["n_complete"][str(name)] = pivot("n_complete", 0).astype(int)
-        out["all_diverged"][str(name)] = pivot("all_diverged", False).astype(bool)
+        out["unstable"][str(name)] = pivot("unstable", "")
         out["labels"][str(name)] = pivot("label", "")
     medians = summary["median"].dropna()
     vmin, vmax = (float(medians.min()), float(medians.max())) if len(medians) else (0.0, 1.0)
@@ -109,8 +131,9 @@ def heatmap_data(
 
 
 def plot_heatmaps(data: HeatmapData, metric: str = "metric") -> Figure:
-    """One panel per value of data.panel on one shared colour scale; every cell annotated with its divergence
-    count; cells where every seed diverged grey and hatched."""
+    """One panel per value of data.panel on one shared colour scale of the stable seeds' medians; every cell
+    annotated with its stable count and other outcomes; a cell without a stable seed painted and hatched as
+    its most common outcome (OUTCOME_STYLE), with a legend of those drawn."""
     names = list(data.median)
     ny, nx = next(iter(data.median.values())).shape
     fig, axes = plt.subplots(
@@ -121,6 +144,7 @@ def plot_heatmaps(data: HeatmapData, metric: str = "metric") -> Figure:
         layout="constrained",
     )
     norm, cmap = Normalize(vmin=data.vmin, vmax=data.vmax), plt.get_cmap(CMAP)
+    drawn: dict[str, Rectangle] = {}
     for ax, name in zip(axes[0], names, strict=True):
         median = data.median[name]
         sns.heatmap(
@@ -138,22 +162,16 @@ def plot_heatmaps(data: HeatmapData, metric: str = "metric") -> Figure:
         for (i, j), label in np.ndenumerate(data.labels[name].to_numpy()):
             if not label:
                 continue
-            if data.all_diverged[name].iat[i, j]:
-                ax.add_patch(
-                    Rectangle(
-                        (j, i),
-                        1,
-                        1,
-                        facecolor=ALL_DIVERGED_COLOR,
-                        hatch=ALL_DIVERGED_HATCH,
-                        edgecolor="white",
-                        linewidth=0.5,
-                        label="all diverged",
-                    )
+            outcome = data.unstable[name].iat[i, j]
+            if outcome:
+                color, hatch = OUTCOME_STYLE[outcome]
+                drawn[outcome] = ax.add_patch(
+                    Rectangle((j, i), 1, 1, facecolor=color, hatch=hatch, edgecolor="white", linewidth=0.5,
+                              label=f"no stable seed: mostly {outcome}")
                 )
             value = median.iat[i, j]
             color = "black" if np.isnan(value) or _luminance(cmap(norm(value))) > 0.45 else "white"
-            ax.text(j + 0.5, i + 0.5, label, ha="center", va="center", fontsize=8, color=color)
+            ax.text(j + 0.5, i + 0.5, label, ha="center", va="center", fontsize=7, color=color)
         ax.set_title(f"{data.panel} = {name}" if data.panel else "")
         ax.set_xlabel(data.x)
         ax.set_ylabel(data.y)
@@ -162,6 +180,9 @@ def plot_heatmaps(data: HeatmapData, metric: str = "metric") -> Figure:
         ax=list(axes[0]),
         label=f"median final {metric} (stable seeds)",
     )
+    if drawn:
+        fig.legend(handles=[drawn[o] for o in UNSTABLE_OUTCOMES if o in drawn], loc="outside lower center",
+                   ncols=len(drawn), fontsize=7, frameon=False)
     fig.suptitle(f"Stability: {data.y} × {data.x}")
     return fig
 

@@ -29,6 +29,11 @@ TRIAL_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
         pa.string(),
         "finished / diverged / failed / running (tag status; else from the MLflow run state)",
     ),
+    "outcome": (
+        pa.string(),
+        "stable / diverged / collapsed / no_learning / failed, or running while it has none (tag outcome; "
+        "study.layout.outcome; README: Outcomes)",
+    ),
     "complete": (pa.bool_(), "True when status is finished or diverged: the trial's outcome is known"),
     "mlflow_status": (pa.string(), "MLflow run state: RUNNING, FINISHED, FAILED, KILLED, SCHEDULED"),
     "diverged": (pa.bool_(), "the trial stopped on a divergence (tag diverged == '1')"),

@@ -10,12 +10,13 @@ EXPERIMENT_KIND so that MLflow's UI opens it on its training runs (not on the Ge
   analysis report under REPORT_ARTIFACT_PATH.
 - one child run per trial (a pack's member too), named `trial_run_name` (variant first). Tags:
   PARENT_RUN_ID_TAG, ROLE_TAG = TRIAL_ROLE, STUDY_TAG, TRIAL_ID_TAG, CELL_TAG (`cell_key` of the trial's
-  axes), SEED_TAG, STATUS_TAG (one of TRIAL_STATUSES), DIVERGED_TAG ("0" or "1"), DIVERGENCE_CAUSE_TAG,
-  DIVERGENCE_STEP_TAG, NODE_ID_TAG, GPU_IDS_TAG, RESOURCES_TAG; a pack's member also PACK_TAG (its Ray trial
-  id) and PACK_MEMBER_TAG (its index); a trial ASHA stopped STOPPED_EARLY_TAG = "1"; METRIC_TAG (the name of
-  its primary metric); SOURCE_NAME_TAG; RUN_KEY_TAG (`trial_run_key`: the one run of a (parent, cell, seed),
-  however often its creation is retried); a failed trial ERROR_TAG (the message) and FAILURE_TAG
-  (DETERMINISTIC_FAILURE: it fails every time and is never retried; RETRIES_SPENT: Ray's retries ran out).
+  axes), SEED_TAG, STATUS_TAG (one of TRIAL_STATUSES), OUTCOME_TAG (one of OUTCOMES, once ended; see
+  `outcome`), DIVERGED_TAG ("0" or "1"), DIVERGENCE_CAUSE_TAG, DIVERGENCE_STEP_TAG, NODE_ID_TAG, GPU_IDS_TAG,
+  RESOURCES_TAG; a pack's member also PACK_TAG (its Ray trial id) and PACK_MEMBER_TAG (its index); a trial
+  ASHA stopped STOPPED_EARLY_TAG = "1"; METRIC_TAG (the name of its primary metric); SOURCE_NAME_TAG;
+  RUN_KEY_TAG (`trial_run_key`: the one run of a (parent, cell, seed), however often its creation is
+  retried); a failed trial ERROR_TAG (the message) and FAILURE_TAG (DETERMINISTIC_FAILURE: it fails every
+  time and is never retried; RETRIES_SPENT: Ray's retries ran out).
   Params: the TrialConfig, `flatten`ed. Input: its dataset (name and resolution, context DATASET_CONTEXT).
   Metrics: each report of the trial (trainables/train.py) under its keys, at step = its `iteration`, and the
   primary metric's value once more as PRIMARY_METRIC (one column for every study, FID or a surrogate).
@@ -29,7 +30,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
+
+from trainables.config import TRIAL_OUTCOMES
 
 # The experiment's kind (the tag and value MLflow 3.17's UI reads, mlflow/server/js): a model-training
 # experiment, whose page is its runs table. The 3.17 UI's GenAI / Model training switch (localStorage, or the
@@ -62,6 +66,7 @@ PARENT_RUN_ID_TAG = "mlflow.parentRunId"  # MLflow's own: nests the run under th
 TRIAL_ID_TAG = "trial_id"  # Ray Tune's trial id (a pack's member: `<pack's trial id>_<member>`)
 CELL_TAG = "cell"
 SEED_TAG = "seed"
+OUTCOME_TAG = "outcome"  # the trial's verdict, one of OUTCOMES; absent while it runs (see `outcome`)
 DIVERGED_TAG = "diverged"
 DIVERGENCE_CAUSE_TAG = "divergence_cause"  # one of trainables.config.DIVERGENCE_CAUSES, "" when none
 DIVERGENCE_STEP_TAG = "divergence_step"  # generator iteration, "-1" when none
@@ -91,6 +96,10 @@ KILLED = "killed"  # cut off by its driver's end (Ctrl+C, a crash, SIGKILL): `--
 TRIAL_STATUSES = (RUNNING, FINISHED, DIVERGED, FAILED, KILLED)
 ENDED_STATUSES = (FINISHED, DIVERGED)  # set by the trial itself (or ASHA's stop): its result stands
 STUDY_STATUSES = (RUNNING, FINISHED, FAILED, KILLED)
+# Values of OUTCOME_TAG (README: Outcomes): a trial's own verdict in its final report (trainables.config's
+# TRIAL_OUTCOMES: stable, diverged, collapsed, no_learning), or FAILED, written on the failure paths.
+STABLE, COLLAPSED, NO_LEARNING = (TRIAL_OUTCOMES[i] for i in (0, 2, 3))  # [1] is DIVERGED, the status's
+OUTCOMES = (*TRIAL_OUTCOMES, FAILED)
 # The MLflow run status each ended status closes its run with.
 MLFLOW_END_STATUS = {FINISHED: "FINISHED", DIVERGED: "FINISHED", FAILED: "FAILED", KILLED: "KILLED"}
 # Values of FAILURE_TAG
@@ -104,6 +113,22 @@ REPORT_ARTIFACT_PATH = "analysis"  # the parent's report, tables and figures (an
 EVENTS_ARTIFACT = "events.json"  # a trial's divergence events, as its folder holds them
 ERROR_ARTIFACT = "error.txt"  # a failed trial's error message and traceback
 SAMPLES_PATTERN = "samples/iter_*.png"  # a trial's sample grids, one per evaluation
+
+
+def outcome(tags: Mapping[str, str], mlflow_status: str = "FINISHED") -> str:
+    """A trial run's outcome (one of OUTCOMES), or RUNNING while it has none, from its tags and MLflow state.
+
+    OUTCOME_TAG when set. Else (a run ASHA stopped early, or one written before outcomes were tagged): FAILED
+    for a failed run, RUNNING for one not ended (a killed one too: `--resume` continues it), else DIVERGED or
+    STABLE as DIVERGED_TAG says."""
+    if tags.get(OUTCOME_TAG) in OUTCOMES:
+        return tags[OUTCOME_TAG]
+    status = tags.get(STATUS_TAG)
+    if mlflow_status == "FAILED" or status == FAILED:
+        return FAILED
+    if status in (RUNNING, KILLED) or (status not in ENDED_STATUSES and mlflow_status != "FINISHED"):
+        return RUNNING
+    return DIVERGED if tags.get(DIVERGED_TAG) == "1" else STABLE
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -153,11 +178,12 @@ def _short(value: Any) -> str:
 
 def review_view(swept_params: list[str]) -> dict[str, Any]:
     """The runs table a reviewer opens (MLflow 3.17 UI's shared view state): the study's trial runs, sorted
-    by PRIMARY_METRIC (lower is better), with the swept params (`variant` first) and the status, divergence
-    and metric columns; every other column (Dataset, Source and the 180 others) stays a click away."""
+    by PRIMARY_METRIC (lower is better), with the swept params (`variant` first) and the outcome, status,
+    divergence and metric columns; every other column (Dataset, Source and the 180 others) stays a click
+    away."""
     columns = [f"params.`{name}`" for name in dict.fromkeys(["variant", *swept_params])]
-    columns += [f"tags.`{name}`" for name in (STATUS_TAG, DIVERGENCE_CAUSE_TAG, DIVERGENCE_STEP_TAG,
-                                             METRIC_TAG)]
+    columns += [f"tags.`{name}`" for name in (OUTCOME_TAG, STATUS_TAG, DIVERGENCE_CAUSE_TAG,
+                                             DIVERGENCE_STEP_TAG, METRIC_TAG)]
     columns += [f"metrics.`{name}`" for name in (PRIMARY_METRIC, "iteration")]
     # columnOrder: in this order, before the rest (else the UI sorts each group's columns by name)
     return {"searchFilter": tag_filter({ROLE_TAG: TRIAL_ROLE}), "orderByKey": f"metrics.`{PRIMARY_METRIC}`",

@@ -10,6 +10,7 @@ No MLflow error leaves a callback (Tune would end the driver with it): a run thi
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,21 @@ class TrialStatusCallback(tune.Callback):
                       file=sys.stderr, flush=True)
         return closed
 
+    def _member_outcomes(self, trial: Any) -> str:
+        """`3 stable, 1 diverged`: the outcomes of a pack's members, as their MLflow runs say."""
+        client = MlflowClient(self.tracking_uri)
+        outcomes: Counter[str] = Counter()
+        try:
+            for point, seed in self._members(trial):
+                cell = layout.cell_key(point)
+                run_id = find_trial_run(client, self.experiment_id, self.parent_run_id, cell, seed)
+                if run_id is not None:
+                    run = client.get_run(run_id)
+                    outcomes[layout.outcome(run.data.tags, run.info.status)] += 1
+        except Exception as exc:  # the server is down: the runs still say, the line does not
+            return f"ended (outcomes unread: {redacted(str(exc)).splitlines()[0][:200]})"
+        return ", ".join(f"{outcomes[name]} {name}" for name in layout.OUTCOMES if outcomes[name])
+
     def _members(self, trial: Any) -> list[tuple[dict[str, Any], int]]:
         """(point, seed) of the trial, or of each member of a pack (a search's trial: its repeat index)."""
         repeat = trial.config.get("__trial_index__", 0)
@@ -87,14 +103,14 @@ class TrialStatusCallback(tune.Callback):
             self._print(trial, f"FAILED, not retried: {str(result.get('error', ''))[:300]}")
         elif self._close_run(trial, {layout.STATUS_TAG: layout.FINISHED, layout.STOPPED_EARLY_TAG: "1"}):
             self._print(trial, "stopped early by the scheduler")
-        elif members > 1:
-            diverged = int(result.get("diverged", 0))
-            self._print(trial, f"{members - diverged} finished, {diverged} diverged")
+        elif members > 1:  # each member's outcome is on its own run
+            self._print(trial, self._member_outcomes(trial))
         else:
-            self._print(trial, "diverged" if result.get("diverged") else "finished")
+            self._print(trial, result.get("outcome", "ended"))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close_run(trial, {layout.STATUS_TAG: layout.FAILED, layout.FAILURE_TAG: layout.RETRIES_SPENT,
+        self._close_run(trial, {layout.STATUS_TAG: layout.FAILED, layout.OUTCOME_TAG: layout.FAILED,
+                                layout.FAILURE_TAG: layout.RETRIES_SPENT,
                                 layout.ERROR_TAG: ray_error(trial)})
         self._print(trial, "FAILED")
 

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from study import layout
@@ -194,6 +195,7 @@ def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str,
         reopen_parent_run,
         study_experiment,
         tracking_client,
+        trial_outcomes,
         write_study_state,
     )
     from study.tuning import build_tuner, restore_tuner, trainable
@@ -248,7 +250,7 @@ def run_study(spec: StudySpec, preset: str, tracking_uri: str, storage: str,
                     parent_run_id, callback, status)
 
     frame = results.get_dataframe() if len(results) else None
-    print(summarize(frame, ended, failed), flush=True)
+    print(summarize(trial_outcomes(client, experiment_id, parent_run_id), frame, failed), flush=True)
     if frame is not None and "mlflow_seconds" in frame:
         print(overhead(frame, driver_cpu_s), flush=True)
     if unfinished > 0:
@@ -300,14 +302,18 @@ def tally(results: Any) -> tuple[int, int]:
     return ended, failed
 
 
-def summarize(frame: Any, ended: int, errors: int) -> str:
-    """One line: trials finished, diverged, failed; the best objective."""
-    if frame is None or "objective" not in frame:
-        return f"{ended} trials ended, {errors} failed; no objective was reported"
-    diverged = int(frame["diverged"].fillna(0).sum()) if "diverged" in frame else 0  # last results
+def summarize(outcomes: Mapping[str, int], frame: Any, failed: int = 0) -> str:
+    """One line: how many trials ended with each outcome (layout.OUTCOMES, as their MLflow runs say; `failed`:
+    Tune's count of failed trials where larger, as one that failed before its run existed has none), and the
+    best objective of the Tune results `frame`."""
+    outcomes = {**outcomes, layout.FAILED: max(outcomes.get(layout.FAILED, 0), failed)}
+    ended = sum(outcomes.get(name, 0) for name in layout.OUTCOMES)
+    counts = ", ".join(f"{outcomes.get(name, 0)} {name}" for name in layout.OUTCOMES)
+    if frame is None or "objective" not in frame or frame["objective"].isna().all():
+        return f"{ended} trials ended: {counts}; no objective was reported"
     best = frame.loc[frame["objective"].idxmin()]
-    return (f"{ended + errors} trials ended: {ended - diverged} finished, {diverged} diverged, "
-            f"{errors} failed; best objective {best['objective']:.4g} (trial {best['trial_id']})")
+    return (f"{ended} trials ended: {counts}; best objective {best['objective']:.4g} "
+            f"(trial {best['trial_id']})")
 
 
 def overhead(frame: Any, driver_cpu_s: float) -> str:

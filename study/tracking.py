@@ -26,6 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -361,6 +362,13 @@ def close_running_trial_runs(client: MlflowClient, experiment_id: str, parent_ru
     return [run.info.run_id for run in runs]
 
 
+def trial_outcomes(client: MlflowClient, experiment_id: str, parent_run_id: str) -> Counter[str]:
+    """How many of the study's trial runs have each outcome (`layout.outcome`; RUNNING: none yet)."""
+    query = layout.tag_filter({layout.PARENT_RUN_ID_TAG: parent_run_id, layout.ROLE_TAG: layout.TRIAL_ROLE})
+    return Counter(layout.outcome(run.data.tags, run.info.status)
+                   for run in search_all(client, experiment_id, query))
+
+
 def close_runs_of_dead_drivers(client: MlflowClient, experiment_id: str, study: str) -> list[str]:
     """Parent runs of the study left RUNNING by a driver that died on this machine (SIGKILL, a lost node):
     each closed KILLED with its RUNNING trial runs. A driver still alive, or on another machine, is left be.
@@ -610,7 +618,7 @@ class TrialRun:
         trial then hands Tune this instead of training again.
         """
         tags, metrics = self._recorded.tags, self._recorded.metrics
-        result = {**metrics, "iteration": int(metrics.get("iteration", 0)),
+        result = {**metrics, "iteration": int(metrics.get("iteration", 0)), "outcome": layout.outcome(tags),
                   "divergence_cause": tags.get(layout.DIVERGENCE_CAUSE_TAG, ""),
                   "divergence_step": int(tags.get(layout.DIVERGENCE_STEP_TAG, -1))}
         if tags.get(layout.FAILURE_TAG) == layout.DETERMINISTIC_FAILURE:
@@ -653,6 +661,7 @@ class TrialRun:
         diverged = int(summary.get("diverged", 0))
         status = layout.DIVERGED if diverged else layout.FINISHED
         tags = {layout.STATUS_TAG: status, layout.DIVERGED_TAG: str(diverged),
+                layout.OUTCOME_TAG: str(summary["outcome"]),
                 layout.DIVERGENCE_CAUSE_TAG: str(summary.get("divergence_cause", "")),
                 layout.DIVERGENCE_STEP_TAG: str(int(summary.get("divergence_step", -1)))}
         self.guard(self.client.log_batch, self.run_id, tags=[RunTag(key, val) for key, val in tags.items()])
@@ -665,8 +674,7 @@ class TrialRun:
         its traceback) as ERROR_ARTIFACT; final, so the trial is never retried (`ended`)."""
         started = time.perf_counter()
         tags = {layout.STATUS_TAG: layout.FAILED, layout.FAILURE_TAG: layout.DETERMINISTIC_FAILURE,
-                layout.ERROR_TAG: message[:layout.MAX_TAG_CHARS]}
-        # outcome: the outcomes branch adds {layout.OUTCOME_TAG: "failed"} to these tags here.
+                layout.OUTCOME_TAG: layout.FAILED, layout.ERROR_TAG: message[:layout.MAX_TAG_CHARS]}
         self.guard(self.client.log_batch, self.run_id, tags=[RunTag(key, val) for key, val in tags.items()])
         self.guard(self.client.log_text, self.run_id, details, layout.ERROR_ARTIFACT)
         self.guard(self.client.set_terminated, self.run_id, layout.MLFLOW_END_STATUS[layout.FAILED])

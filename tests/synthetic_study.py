@@ -32,6 +32,9 @@ class SyntheticTrial:
     axes: dict[str, Any]  # swept TrialConfig fields of this trial, seed included: {"g_lr": 2e-4, "seed": 0}
     evals: Sequence[tuple[int, float]]  # (iteration, primary metric) at each evaluation, in order
     status: str = layout.FINISHED  # one of layout.TRIAL_STATUSES
+    # OUTCOME_TAG, one of layout.OUTCOMES; None: what the trial would have (stable, diverged or failed as
+    # its status; no tag while running)
+    outcome: str | None = None
     divergence_cause: str = ""
     divergence_step: int = -1
     events: Sequence[dict[str, Any]] = ()  # content of events.json: {"cause", "iteration", "values", ...}
@@ -120,6 +123,9 @@ def _write_trial(
         layout.DIVERGENCE_CAUSE_TAG: trial.divergence_cause,
         layout.DIVERGENCE_STEP_TAG: str(trial.divergence_step),
     }
+    outcome = trial.outcome or {layout.FINISHED: layout.STABLE}.get(trial.status, trial.status)
+    if outcome != layout.RUNNING:
+        tags[layout.OUTCOME_TAG] = outcome
     run = client.create_run(
         experiment_id, start_time=trial.start_ms, tags=tags,
         run_name=layout.trial_run_name({**trial.axes, **trial.bundles}, seed, config.variant),

@@ -10,13 +10,13 @@ import pytest
 from matplotlib.colors import to_rgba
 from matplotlib.patches import Rectangle
 from mlflow.tracking import MlflowClient
-from synthetic_study import reference_trials, write_study
+from synthetic_study import SyntheticTrial, reference_trials, write_study
 
 from analysis.aggregate import AxisError
 from analysis.collect import collect
 from analysis.figures import (
-    ALL_DIVERGED_COLOR,
     CMAP,
+    OUTCOME_STYLE,
     cell_label,
     choose_trials,
     curve_data,
@@ -55,15 +55,17 @@ def texts_by_cell(ax) -> dict[tuple[int, int], str]:
     return {(int(t.get_position()[1]), int(t.get_position()[0])): t.get_text() for t in ax.texts}
 
 
-def test_heatmap_pivot_holds_the_cell_medians_and_divergence_counts(heatmap):
+def test_heatmap_pivot_holds_the_cell_medians_and_outcome_counts(heatmap):
     data, _ = heatmap
     assert data.panel == "variant" and list(data.median) == ["bsn", "sn"]
     sn = data.median["sn"]
     assert sn.index.tolist() == [0.0, 0.5] and sn.columns.tolist() == [1e-4, 2e-4]
     assert sn.loc[0.5, 1e-4] == 14.0 and np.isnan(sn.loc[0.5, 2e-4]) and sn.loc[0.0, 2e-4] == 42.0
-    assert data.labels["bsn"].loc[0.5, 1e-4] == "21\n3/5 diverged"
-    assert data.labels["sn"].loc[0.5, 2e-4] == "all diverged\n5/5 diverged"
-    assert data.labels["bsn"].loc[0.5, 2e-4] == "6\n0/3 diverged"  # running and failed seeds left out
+    assert data.labels["bsn"].loc[0.5, 1e-4] == "21\n2/5 stable\n3 diverged"
+    assert data.labels["sn"].loc[0.5, 2e-4] == "0/5 stable\n5 diverged"
+    assert data.labels["bsn"].loc[0.5, 2e-4] == "6\n3/3 stable"  # running and failed seeds left out
+    assert data.n_stable["bsn"].loc[0.5, 2e-4] == 3 and data.n_complete["bsn"].loc[0.5, 1e-4] == 5
+    assert data.unstable["sn"].loc[0.5, 2e-4] == "diverged" and data.unstable["bsn"].loc[0.5, 1e-4] == ""
     assert (data.vmin, data.vmax) == (6.0, 62.0)  # shared by both panels
 
 
@@ -97,13 +99,43 @@ def test_cells_where_every_seed_diverged_are_hatched_grey(heatmap):
     bsn = next(ax for ax in fig.axes if ax.get_title() == "variant = bsn")
     marked = [p for p in sn.patches if isinstance(p, Rectangle) and p.get_hatch()]
     assert [(p.get_x(), p.get_y()) for p in marked] == [(1.0, 1.0)]  # column g_lr=2e-4, row beta1=0.5
-    assert marked[0].get_facecolor() == to_rgba(ALL_DIVERGED_COLOR)
+    assert (marked[0].get_facecolor(), marked[0].get_hatch()) == (to_rgba(OUTCOME_STYLE["diverged"][0]), "xx")
     assert not [p for p in bsn.patches if p.get_hatch()]
 
 
-def test_heatmap_with_variant_as_an_axis_has_one_panel():
-    assert cell_label(14.0, 0, 5) == "14\n0/5 diverged"
-    assert cell_label(float("nan"), 0, 0, n_running=2) == "2 running"
+def test_cell_labels_count_the_stable_seeds_and_name_the_other_outcomes():
+    assert cell_label(14.0, {"stable": 5}) == "14\n5/5 stable"
+    assert cell_label(21.0, {"stable": 1, "diverged": 2, "collapsed": 1, "no_learning": 1}) == (
+        "21\n1/5 stable\n2 diverged\n1 collapsed\n1 no_learning")
+    assert cell_label(float("nan"), {"no_learning": 4}) == "0/4 stable\n4 no_learning"
+    assert cell_label(float("nan"), {}, n_running=2) == "2 running"
+
+
+def test_cells_without_a_stable_seed_are_painted_as_their_most_common_outcome(mlflow_server):
+    def cell(g_lr: float, outcomes: list[str]) -> list[SyntheticTrial]:
+        return [SyntheticTrial(axes={"g_lr": g_lr, "beta1": 0.5, "seed": seed}, evals=[(100, 50.0 + seed)],
+                               status="diverged" if outcome == "diverged" else "finished", outcome=outcome,
+                               divergence_step=100 if outcome == "diverged" else -1)
+                for seed, outcome in enumerate(outcomes)]
+
+    name = f"outcomes-{uuid.uuid4().hex[:8]}"
+    trials = (cell(1e-4, ["stable", "collapsed", "no_learning"])
+              + cell(2e-4, ["collapsed", "collapsed", "diverged"])
+              + cell(5e-4, ["no_learning", "diverged", "no_learning"])
+              + cell(1e-3, ["diverged", "collapsed"]))  # a tie: diverged, the first of UNSTABLE_OUTCOMES
+    write_study(MlflowClient(mlflow_server), name, trials, axes=["g_lr", "beta1", "seed"])
+    data = heatmap_data(collect(mlflow_server, study=name), "g_lr", "beta1")
+    assert data.unstable["all"].loc[0.5].tolist() == ["", "collapsed", "no_learning", "diverged"]
+    assert data.labels["all"].loc[0.5, 1e-4] == "50\n1/3 stable\n1 collapsed\n1 no_learning"
+    fig = plot_heatmaps(data, "fd_digits")
+    [ax] = [a for a in fig.axes if a.get_xlabel() == "g_lr"]
+    painted = {int(p.get_x()): (p.get_facecolor(), p.get_hatch()) for p in ax.patches if p.get_hatch()}
+    assert painted == {column: (to_rgba(OUTCOME_STYLE[o][0]), OUTCOME_STYLE[o][1])
+                       for column, o in ((1, "collapsed"), (2, "no_learning"), (3, "diverged"))}
+    [legend] = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        f"no stable seed: mostly {o}" for o in ("diverged", "collapsed", "no_learning")]
+    plt.close(fig)
 
 
 def test_heatmap_of_an_axis_the_study_did_not_sweep_is_an_error(tables):

@@ -196,19 +196,28 @@ def test_update_never_synchronises_with_the_host_alone_or_stacked():
 
 # ---- logging-step and evaluation causes ----------------------------------------------------------
 
-def test_grad_vanishing_needs_patience_consecutive_logging_steps():
+def test_grad_vanishing_needs_both_networks_at_patience_consecutive_logging_steps():
     watch = DivergenceWatch(DivergenceConfig(grad_vanishing=1e-3, grad_vanishing_patience=3))
     for iteration, grad in [(10, 0.0), (20, 0.0), (30, 1.0), (40, 0.0), (50, 1e-4), (60, 0.0)]:
-        watch.check_logging_step(iteration, grad_norm_d=grad, d_real_min=0.0, d_fake_max=1.0)
-    assert summary(watch) == [("grad_vanishing", "D", 60, "stop")]
+        watch.check_logging_step(iteration, grad_norm_d=grad, grad_norm_g=grad, d_real_min=0.0,
+                                 d_fake_max=1.0)
+    assert summary(watch) == [("grad_vanishing", "G", 60, "stop")]
+    assert watch.events[0].values == {"grad_norm": 0.0, "grad_norm_d": 0.0}
     assert watch.events[0].thresholds == {"grad_norm": 1e-3, "patience": 3}
+    # A hinge D's gradient is exactly 0 while it separates every batch; G still trains: no vanishing
+    # (bench/detector.py: such runs learn once G catches up, or never learn and end no_learning).
+    separated = DivergenceWatch(DivergenceConfig(grad_vanishing=1e-3, grad_vanishing_patience=3))
+    for iteration in range(10, 110, 10):
+        separated.check_logging_step(iteration, grad_norm_d=0.0, grad_norm_g=3.5, d_real_min=2.0,
+                                     d_fake_max=-1.0)
+    assert [e.cause for e in separated.events] == ["d_saturation"]
 
 
 def test_d_saturation_is_recorded_when_real_and_fake_separate_for_patience_steps():
     watch = DivergenceWatch(DivergenceConfig(d_saturation_patience=2))
-    watch.check_logging_step(1, grad_norm_d=1.0, d_real_min=2.0, d_fake_max=-1.0)
+    watch.check_logging_step(1, grad_norm_d=1.0, grad_norm_g=1.0, d_real_min=2.0, d_fake_max=-1.0)
     assert watch.events == []
-    watch.check_logging_step(2, grad_norm_d=1.0, d_real_min=0.5, d_fake_max=0.2)
+    watch.check_logging_step(2, grad_norm_d=1.0, grad_norm_g=1.0, d_real_min=0.5, d_fake_max=0.2)
     assert summary(watch) == [("d_saturation", "D", 2, "record")]
     assert watch.events[0].values == {"d_real_min": 0.5, "d_fake_max": 0.2, "margin": pytest.approx(0.3)}
 
@@ -240,19 +249,23 @@ def test_fid_blowup_needs_patience_consecutive_evaluations_and_names_the_first()
     assert summary(sustained) == [("fid_blowup", "G", 300, "stop")]
 
 
-def test_a_run_that_never_got_good_is_a_fid_blowup_and_a_young_improving_run_is_not():
-    # The reported grey blobs: fd 674 -> 758 against its own best only, it ended `finished`. At or above the
-    # best constant generator's distance, and worse than at its first evaluation, it never got good.
+def test_a_run_that_never_got_good_is_no_learning_and_one_that_learned_then_fell_back_is_a_blowup():
+    # The reported grey blobs: fd 674 -> 758, never below the best constant generator's 600: it never
+    # learned, an outcome (no_learning), not a divergence.
     grey = DivergenceWatch(DEFAULTS, constant_level=600.0)
     evaluate(grey, [674.0, 758.0])
-    assert summary(grey) == [("fid_blowup", "G", 200, "stop")]
-    assert grey.events[0].thresholds["constant_level"] == 600.0
+    assert grey.events == [] and (grey.learned, grey.outcome) == (False, "no_learning")
+    # Below 0.8 x 600 = 480 once, then back at the constant level: it lost what it had learned.
+    fell_back = DivergenceWatch(DEFAULTS, constant_level=600.0)
+    evaluate(fell_back, [700.0, 400.0, 650.0])  # 650 < 4 x 400: only the constant level catches it
+    assert summary(fell_back) == [("fid_blowup", "G", 300, "stop")] and fell_back.outcome == "diverged"
+    assert fell_back.events[0].thresholds["constant_level"] == 600.0
     young = DivergenceWatch(DEFAULTS, constant_level=600.0)
-    evaluate(young, [1621.0, 1614.0, 1502.0, 700.0])
-    assert young.events == []
+    evaluate(young, [1621.0, 1614.0, 1502.0, 470.0])
+    assert young.events == [] and (young.learned, young.outcome) == (True, "stable")
     unknown_level = DivergenceWatch(DEFAULTS)
     evaluate(unknown_level, [674.0, 758.0])
-    assert unknown_level.events == []
+    assert unknown_level.events == [] and (unknown_level.learned, unknown_level.outcome) == (None, "stable")
 
 
 def test_nonfinite_metric_is_a_blowup_at_once_even_during_warmup():
@@ -262,33 +275,109 @@ def test_nonfinite_metric_is_a_blowup_at_once_even_during_warmup():
     assert watch.events[0].values["fd_digits"] == "nan"
 
 
+COLLAPSED = {"diversity": 0.01, "diversity_ratio": 0.02, "class_coverage": 0.1}
+DIVERSE = {"diversity": 0.6, "diversity_ratio": 1.0, "class_coverage": 0.9}
+
+
 def test_mode_collapse_is_on_by_default_after_the_warmup_and_reports_whether_it_holds_now():
-    collapsed = {"diversity": 0.01, "diversity_ratio": 0.02, "class_coverage": 0.1}
-    diverse = {"diversity": 0.6, "diversity_ratio": 1.0, "class_coverage": 0.9}
     one_class = {"diversity": 0.4, "diversity_ratio": 0.69, "class_coverage": 0.15}
     watch = DivergenceWatch(DEFAULTS)
-    evaluate(watch, [900.0], diversity=collapsed)  # warm-up: an untrained G is near-constant
+    evaluate(watch, [900.0], diversity=COLLAPSED)  # warm-up: an untrained G is near-constant
     assert watch.events == []
     watch.check_evaluation(200, "fd_digits", 800.0, one_class)  # varied pixels, one class: collapse too
     assert summary(watch) == [("mode_collapse", "G", 200, "record")] and watch.collapsed
     assert watch.events[0].values == one_class
-    watch.check_evaluation(300, "fd_digits", 50.0, diverse)
+    watch.check_evaluation(300, "fd_digits", 50.0, DIVERSE)
     assert not watch.collapsed and len(watch.events) == 1
     off = DivergenceWatch(DivergenceConfig(mode_collapse=None, mode_collapse_classes=None))
-    evaluate(off, [1.0, 1.0], diversity=collapsed)
+    evaluate(off, [1.0, 1.0], diversity=COLLAPSED)
     assert off.events == []
+
+
+def test_a_metric_that_rose_with_a_collapse_is_the_collapse_not_a_blowup():
+    # bench/detector.py's single_latent runs: fd_digits 466 -> 2148 (x4.6) when G's samples became one image.
+    watch = DivergenceWatch(DEFAULTS, constant_level=1328.0)
+    evaluate(watch, [1000.0, 466.0], diversity=DIVERSE)
+    watch.check_evaluation(300, "fd_digits", 2148.0, COLLAPSED)
+    assert summary(watch) == [("mode_collapse", "G", 300, "record")]
+    assert (watch.stop_event, watch.outcome) == (None, "collapsed")
+    varied = DivergenceWatch(DEFAULTS, constant_level=1328.0)  # the same rise with varied samples: a blow-up
+    evaluate(varied, [1000.0, 466.0, 2148.0], diversity=DIVERSE)
+    assert summary(varied) == [("fid_blowup", "G", 300, "stop")] and varied.outcome == "diverged"
+    nonfinite = DivergenceWatch(DEFAULTS, constant_level=1328.0)  # a non-finite metric is judged whatever
+    evaluate(nonfinite, [1000.0, 466.0], diversity=DIVERSE)
+    nonfinite.check_evaluation(300, "fd_digits", math.nan, COLLAPSED)
+    assert nonfinite.stop_event.cause == "fid_blowup" and nonfinite.outcome == "diverged"
+
+
+def test_outcomes_of_constructed_runs():
+    def outcome(values, diversities, config=DEFAULTS, level=1328.0) -> str:
+        watch = DivergenceWatch(config, constant_level=level)
+        for n, (value, diversity) in enumerate(zip(values, diversities, strict=True), start=1):
+            watch.check_evaluation(100 * n, "fd_digits", value, diversity)
+        return watch.outcome
+
+    # learned (below 0.8 x 1328 = 1062) and varied at the end: stable, though its first grid was near-constant
+    assert outcome([1500.0, 466.0, 440.0], [COLLAPSED, DIVERSE, DIVERSE]) == "stable"
+    # collapsed at the second evaluation, varied again at the last: a transient, stable
+    assert outcome([1000.0, 466.0, 900.0, 300.0], [DIVERSE, DIVERSE, COLLAPSED, DIVERSE]) == "stable"
+    # learned, then one repeated image at the end: collapsed
+    assert outcome([1000.0, 466.0, 2148.0], [DIVERSE, DIVERSE, COLLAPSED]) == "collapsed"
+    # never better than a constant generator (a young G's sameness, a flat field, one glyph): no_learning
+    assert outcome([1540.0, 1539.0, 1537.0], [COLLAPSED] * 3) == "no_learning"
+    assert outcome([1540.0, 1100.0], [DIVERSE, DIVERSE]) == "no_learning"  # 1100 > 0.8 x 1328
+    # no_learning off: the same run is judged by collapse alone
+    assert outcome([1540.0, 1537.0], [COLLAPSED] * 2, DivergenceConfig(no_learning=None)) == "collapsed"
+    # a stop on mode_collapse (by policy) is collapsed; a stop on anything else diverged, learned or not
+    stop_collapse = DivergenceConfig(policy=DEFAULTS.policy | {"mode_collapse": "stop"})
+    assert outcome([1000.0, 466.0, 2148.0], [DIVERSE, DIVERSE, COLLAPSED], stop_collapse) == "collapsed"
+    stopped = DivergenceWatch(DEFAULTS, constant_level=1328.0)
+    stopped.check_evaluation(100, "fd_digits", 466.0, DIVERSE)
+    monitor = StepMonitor(DEFAULTS, CPU)
+    feed(monitor, [(12.0, 2.0)] * 10 + [(1e6, 2.0)] * 30)
+    stopped.check_steps(monitor)
+    assert stopped.stop_event.cause == "grad_explosion" and stopped.outcome == "diverged"
+
+
+def test_under_a_record_policy_a_divergence_that_never_recovered_is_diverged():
+    # The bssn-paper presets record every cause but non-finite values: a run trains on to its last iteration.
+    record = DivergenceConfig(policy={cause: "record" for cause in DEFAULTS.policy})
+
+    def steps(rows) -> DivergenceWatch:
+        watch = DivergenceWatch(record, constant_level=1328.0)
+        watch.check_evaluation(100, "fd_digits", 466.0, DIVERSE)
+        monitor = StepMonitor(record, CPU)
+        feed(monitor, rows)
+        watch.check_steps(monitor, iteration=len(rows))
+        return watch
+
+    still = steps([(12.0, 2.0)] * 10 + [(1e6, 2.0)] * 30)  # over threshold from iteration 11 to the end
+    assert still.stop_event is None
+    assert (still.outcome, still.divergence) == ("diverged", ("grad_explosion", 11))
+    over = steps([(12.0, 2.0)] * 10 + [(1e6, 2.0)] * 30 + [(12.0, 2.0)] * 10)  # then back for 10 iterations
+    assert "grad_explosion" in {e.cause for e in over.events}
+    assert (over.outcome, over.divergence) == ("stable", None)
+
+    blown = DivergenceWatch(record, constant_level=1328.0)
+    evaluate(blown, [1000.0, 300.0, 1300.0], diversity=DIVERSE)  # over 4 x 300 at the last evaluation
+    assert (blown.outcome, blown.divergence) == ("diverged", ("fid_blowup", 300))
+    blown.check_evaluation(400, "fd_digits", 280.0, DIVERSE)  # and back: the blow-up is an event of the past
+    assert (blown.outcome, blown.divergence) == ("stable", None)
+
+    nonfinite = steps([(12.0, 2.0)] * 10 + [(1.0, math.nan, 1.0, 2.0)] + [(12.0, 2.0)] * 10)
+    assert (nonfinite.outcome, nonfinite.divergence) == ("diverged", ("nonfinite_grad", 11))
 
 
 def test_watch_state_round_trip_continues_the_streaks():
     config = DivergenceConfig(grad_vanishing=1e-3, grad_vanishing_patience=2, fid_blowup_patience=2)
     watch = DivergenceWatch(config)
     evaluate(watch, [100.0, 10.0, 50.0])
-    watch.check_logging_step(300, grad_norm_d=0.0, d_real_min=0.0, d_fake_max=1.0)
+    watch.check_logging_step(300, grad_norm_d=0.0, grad_norm_g=0.0, d_real_min=0.0, d_fake_max=1.0)
     restored = DivergenceWatch(config)
     restored.load_state_dict(json.loads(json.dumps(watch.state_dict())))
-    restored.check_logging_step(400, grad_norm_d=0.0, d_real_min=0.0, d_fake_max=1.0)
+    restored.check_logging_step(400, grad_norm_d=0.0, grad_norm_g=0.0, d_real_min=0.0, d_fake_max=1.0)
     restored.check_evaluation(400, "fd_digits", 60.0)
-    assert summary(restored) == [("grad_vanishing", "D", 400, "stop"), ("fid_blowup", "G", 300, "stop")]
+    assert summary(restored) == [("grad_vanishing", "G", 400, "stop"), ("fid_blowup", "G", 300, "stop")]
     assert restored.best_metric == 10.0
 
 
@@ -416,8 +505,75 @@ def test_a_sustained_explosion_stops_the_trial_naming_network_layer_and_step(tmp
     # (iteration 6) confirmed 20 iterations later, at the logging step of iteration 25.
     assert (summary["divergence_cause"], summary["divergence_step"], summary["iteration"]) == (
         "grad_explosion", 6, 25)
+    assert summary["outcome"] == "diverged"
     events = json.loads((tmp_path / "trial" / "events.json").read_text())
     explosion = next(e for e in events if e["cause"] == "grad_explosion")
     assert (explosion["network"], explosion["action"]) == ("D", "stop")
     assert explosion["layer"] is not None and explosion["values"]["grad_norm"] > 1e4
     assert explosion["thresholds"] == {"grad_norm": 1e4, "recovery": 5, "patience": 20}
+
+
+# ---- the outcome of real short trials ------------------------------------------------------------
+
+# A cell of the `default` study (study/presets/default.yaml): sn at lr 1e-3, beta1 0.5, 200 iterations.
+DEFAULT_STUDY_TRIAL = {"dataset": "digits", "device": "cpu", "width": 0.125, "batch_size": 32,
+                       "iterations": 200, "log_every": 20, "eval_every": 100, "checkpoint_every": 100,
+                       "eval_generated": 300, "eval_real": 300, "variant": "sn", "g_lr": 1e-3, "d_lr": 1e-3,
+                       "beta1": 0.5}
+
+
+class SingleLatent(torch.nn.Module):
+    """A generator that maps every latent of a batch to the batch's first once it has trained `after` G steps:
+    a collapse to one image, after learning (as bench/detector.py's single_latent runs)."""
+
+    def __init__(self, generator: torch.nn.Module, after: int):
+        super().__init__()
+        self.generator, self.after, self.steps = generator, after, 0
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # the G step's forward (D steps and evaluations run without gradients)
+            self.steps += 1
+        return self.generator(z[:1].expand_as(z) if self.steps > self.after else z)
+
+
+@pytest.mark.slow
+def test_a_healthy_short_run_of_the_default_study_is_stable(tmp_path):
+    from trainables.train import train
+
+    reports = []
+    summary = train(DEFAULT_STUDY_TRIAL | {"cache_dir": str(tmp_path / "cache")},
+                    lambda metrics, checkpoint: reports.append(metrics), workdir=tmp_path / "trial")
+    # measured: fd_digits 466 then 440 against the constant generator's 1329; diversity ratio 0.76 then 1.0
+    assert (summary["outcome"], summary["diverged"], summary["iteration"]) == ("stable", 0, 200)
+    ratios = [r["diversity_ratio"] for r in reports if "fd_digits" in r]
+    assert len(ratios) == 2 and min(ratios) > DEFAULTS.mode_collapse
+
+
+def test_a_generator_that_never_trains_is_no_learning_not_collapsed(tmp_path):
+    from trainables.train import train
+
+    config = TINY | {"g_lr": 1e-12, "eval_every": 20, "cache_dir": str(tmp_path / "cache")}
+    summary = train(config, lambda metrics, checkpoint: None, workdir=tmp_path / "trial")
+    causes = {e["cause"] for e in json.loads((tmp_path / "trial" / "events.json").read_text())}
+    assert "mode_collapse" in causes  # the untrained G's near-constant grid is recorded ...
+    assert (summary["outcome"], summary["diverged"]) == ("no_learning", 0)  # ... but it never learned
+
+
+@pytest.mark.slow
+def test_a_generator_that_collapses_after_learning_is_collapsed(tmp_path, monkeypatch):
+    import trainables.trial as trial_module
+    from trainables.train import train
+
+    build = trial_module.build_generator
+    monkeypatch.setattr(trial_module, "build_generator", lambda *a, **k: SingleLatent(build(*a, **k), 100))
+    config = DEFAULT_STUDY_TRIAL | {"iterations": 150, "eval_every": 50, "checkpoint_every": 150,
+                                    "cache_dir": str(tmp_path / "cache")}
+    reports = []
+    summary = train(config, lambda metrics, checkpoint: reports.append(metrics), workdir=tmp_path / "trial")
+    evaluations = [r for r in reports if "fd_digits" in r]
+    assert evaluations[1]["diversity_ratio"] > DEFAULTS.mode_collapse  # learned and varied at iteration 100
+    assert evaluations[2]["diversity_ratio"] < 0.01  # one image at 150
+    events = json.loads((tmp_path / "trial" / "events.json").read_text())
+    judged = [(e["cause"], e["iteration"]) for e in events if e["cause"] in ("mode_collapse", "fid_blowup")]
+    assert judged == [("mode_collapse", 150)]  # the metric's rise with it is the collapse, not a blow-up
+    assert (summary["outcome"], summary["diverged"], summary["iteration"]) == ("collapsed", 0, 150)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import free_port
 
-from study.run import main
+from study.run import main, summarize
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -68,3 +70,14 @@ def test_argparse_errors_also_exit_2(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--no-such-flag"])
     assert stop.value.code == 2
+
+
+def test_the_end_line_counts_every_outcome_and_names_the_best_trial():
+    frame = pd.DataFrame({"objective": [440.5, 1e4, 1385.1], "trial_id": ["a", "b", "c"]})
+    outcomes = Counter(stable=1, diverged=1, no_learning=1, running=2)  # running: no outcome yet, not ended
+    assert summarize(outcomes, frame) == ("3 trials ended: 1 stable, 1 diverged, 0 collapsed, 1 no_learning, "
+                                          "0 failed; best objective 440.5 (trial a)")
+    # Tune counts 3 failed, MLflow holds 2: one failed before its run was created
+    line = summarize(Counter(failed=2), None, failed=3)
+    assert line == ("3 trials ended: 0 stable, 0 diverged, 0 collapsed, 0 no_learning, 3 failed; "
+                    "no objective was reported")

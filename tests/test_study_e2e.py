@@ -60,6 +60,7 @@ def test_small_study_writes_a_parent_run_and_one_child_run_per_trial(small_study
         assert (tags["role"], tags["study"], tags["status"], run.info.status) == ("trial", "e2e", "finished",
                                                                                  "FINISHED")
         assert (tags["diverged"], tags["divergence_cause"], tags["divergence_step"]) == ("0", "", "-1")
+        assert tags["outcome"] == "no_learning"  # 20 iterations: never better than one repeated image
         assert tags["trial_id"] and tags["node_id"]
         assert params["variant"] == tags["cell"].removeprefix("variant=") and params["iterations"] == "20"
         assert params["divergence.grad_explosion"] == "10000.0" and params["seed"] == "0"
@@ -119,7 +120,7 @@ def test_packed_study_runs_a_tune_trial_per_pack_and_an_mlflow_run_per_member(ra
                     "  variant: [sn, bsn]\nseeds: 1\npack_size: 3\n")
     argv = ["--study", str(spec), "--tracking-uri", mlflow_server, "--storage", str(tmp_path / "ray")]
     assert main(argv) == 0
-    assert "6 trials ended: 6 finished, 0 diverged, 0 failed" in capsys.readouterr().out
+    output = capsys.readouterr().out
     assert len(list((tmp_path / "ray").glob("packed-*/trial_*"))) == 2  # one Tune trial per variant
 
     client = MlflowClient(mlflow_server)
@@ -127,6 +128,8 @@ def test_packed_study_runs_a_tune_trial_per_pack_and_an_mlflow_run_per_member(ra
     [parent] = client.search_runs([experiment.experiment_id], "tags.role = 'study'")
     assert parent.data.tags["status"] == "finished"
     children = child_runs(client, experiment.experiment_id, parent.info.run_id)
+    outcomes = [run.data.tags["outcome"] for run in children]  # each member's own, in the end line too
+    assert "6 trials ended: " + ", ".join(f"{outcomes.count(o)} {o}" for o in layout.OUTCOMES) in output
     assert sorted(run.data.tags["cell"] for run in children) == sorted(
         f"g_lr={lr},variant={variant}" for lr in ("0.0001", "0.0002", "0.0005") for variant in ("bsn", "sn"))
     packs: dict[str, list] = {}

@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from study import layout
+from trainables.config import TRIAL_OUTCOMES
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -53,6 +54,19 @@ def test_every_ended_status_closes_its_run_and_only_those_count_as_ended():
     assert set(layout.MLFLOW_END_STATUS) == set(layout.TRIAL_STATUSES) - {layout.RUNNING}
     assert set(layout.ENDED_STATUSES) <= set(layout.TRIAL_STATUSES)
     assert layout.MLFLOW_END_STATUS[layout.DIVERGED] == "FINISHED"  # a divergence is a result
+
+
+def test_outcome_is_the_tag_else_what_the_status_and_the_mlflow_state_say():
+    assert layout.OUTCOMES == (*TRIAL_OUTCOMES, layout.FAILED)  # the trial's verdicts, and a crash
+    ended = {layout.STATUS_TAG: layout.FINISHED, layout.DIVERGED_TAG: "0"}
+    assert layout.outcome({**ended, layout.OUTCOME_TAG: layout.NO_LEARNING}) == "no_learning"
+    # runs without the tag: ASHA stopped it early, or it was written before outcomes were tagged
+    assert layout.outcome(ended) == "stable"
+    assert layout.outcome({layout.STATUS_TAG: layout.DIVERGED, layout.DIVERGED_TAG: "1"}) == "diverged"
+    assert layout.outcome({layout.STATUS_TAG: layout.FAILED}, "FAILED") == "failed"
+    assert layout.outcome({layout.STATUS_TAG: layout.RUNNING}, "KILLED") == "failed"  # a crashed worker's run
+    assert layout.outcome({layout.STATUS_TAG: layout.RUNNING}, "RUNNING") == "running"
+    assert layout.outcome({}, "RUNNING") == "running"
 
 
 def test_layout_imports_neither_mlflow_nor_ray_nor_torch():

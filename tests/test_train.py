@@ -100,13 +100,15 @@ def test_reports_follow_the_schedule_and_the_contract(tmp_path):
     assert evaluation["objective"] == evaluation["fd_digits"]
     assert any(key.startswith("sigma_conv/") for key in evaluation)
     assert summary == recorder.reports[-1]
-    outcome = ("done", "diverged", "divergence_cause", "divergence_step")
-    assert tuple(summary[key] for key in outcome) == (1, 0, "", -1)
+    ending = ("done", "diverged", "divergence_cause", "divergence_step")
+    assert tuple(summary[key] for key in ending) == (1, 0, "", -1)
     assert sorted(p.name for p in (tmp_path / "trial" / "samples").iterdir()) == [
         "iter_0000010.png", "iter_0000020.png"]
-    # A 20-iteration G is near-constant at its judged evaluation: a recorded mode collapse, nothing stops.
+    # A 20-iteration G is near-constant at its judged evaluation: a recorded mode collapse, nothing stops;
+    # it has not yet beaten a constant generator, so its outcome is no_learning, not collapsed.
     events = json.loads((tmp_path / "trial" / "events.json").read_text())
     assert [(e["cause"], e["action"]) for e in events] == [("mode_collapse", "record")]
+    assert summary["outcome"] == "no_learning"
     assert_all_reported_values_finite(recorder)
 
 
@@ -132,7 +134,7 @@ def test_nan_in_a_batch_is_a_nonfinite_loss_at_that_iteration(tmp_path, monkeypa
     assert (summary["divergence_cause"], summary["divergence_step"], summary["diverged"]) == (
         "nonfinite_loss", 7, 1)
     assert summary["iteration"] == 10  # stopped at the next logging step
-    assert summary["objective"] == 1e4 and summary["done"] == 1
+    assert summary["objective"] == 1e4 and summary["done"] == 1 and summary["outcome"] == "diverged"
     events = json.loads((tmp_path / "trial" / "events.json").read_text())
     # A NaN batch poisons the loss and, through it, the gradients of the same iteration: both are named.
     assert [(e["cause"], e["network"], e["iteration"], e["action"]) for e in events] == [
@@ -184,8 +186,10 @@ def zeroed(build):
 
 def test_zeroed_discriminator_is_grad_vanishing_after_patience_logging_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(trial_module, "build_discriminator", zeroed(trial_module.build_discriminator))
+    # A zeroed D gives zero gradients to its own weights and, through its zero input gradient, to G's.
     summary, _ = run(tmp_path, variant="none", log_every=5, divergence={"grad_vanishing_patience": 3})
-    assert (summary["divergence_cause"], summary["divergence_step"]) == ("grad_vanishing", 15)
+    assert (summary["divergence_cause"], summary["divergence_step"], summary["outcome"]) == (
+        "grad_vanishing", 15, "diverged")
 
 
 def test_metric_above_cap_is_a_blowup_at_that_evaluation(tmp_path):

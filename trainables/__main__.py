@@ -28,8 +28,8 @@ def print_progress(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
     parts += [f"{key} {metrics[key]:.4g}" for key in ("loss_d", "loss_g", "fd_digits", "fid", "is", "kid")
               if key in metrics]
     if metrics.get("done"):
-        cause = metrics["divergence_cause"]
-        parts.append(f"done: diverged ({cause} at {metrics['divergence_step']})" if cause else "done")
+        cause, step = metrics["divergence_cause"], metrics["divergence_step"]
+        parts.append(f"done: {metrics['outcome']}" + (f" ({cause} at {step})" if cause else ""))
     print("  ".join(parts), flush=True)
 
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetNotFoundError, InceptionWeightsMissingError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({key: summary[key] for key in ("objective", "diverged", "divergence_cause",
+    print(json.dumps({key: summary[key] for key in ("outcome", "objective", "diverged", "divergence_cause",
                                                     "divergence_step")}), flush=True)
     return 0
 

@@ -38,6 +38,9 @@ DIVERGENCE_CAUSES = (
     "nonfinite_loss", "nonfinite_grad", "grad_explosion", "grad_spike", "grad_vanishing",
     "fid_blowup", "d_saturation", "mode_collapse",
 )
+# A trial's verdict at its end (trainables.events.DivergenceWatch.outcome; the README defines each). A trial
+# that crashed has none of its own: study/ records it as "failed" (study/layout.py's OUTCOMES).
+TRIAL_OUTCOMES = ("stable", "diverged", "collapsed", "no_learning")
 # Causes that only ever record: a transient the run recovered from (trainables/events.py) never stops it.
 TRANSIENT_CAUSES = ("grad_spike",)
 # The paper trains the learned-gamma SN baselines with WGAN-GP; every other variant with the hinge loss.
@@ -145,7 +148,7 @@ class DivergenceConfig(StrictModel):
     # their run's level from iteration 3 on (x947 and 5.6e5 in G's first step before the loop took the
     # official power-iteration order).
     grad_explosion_startup: int = Field(5, ge=0)
-    grad_vanishing: float = Field(1e-8, gt=0)  # total gradient norm of D below this ...
+    grad_vanishing: float = Field(1e-8, gt=0)  # total gradient norms of D and G both below this ...
     grad_vanishing_patience: int = Field(5, ge=1)  # ... at this many consecutive logging steps
     # Metric blow-up, after the warm-up evaluations, at fid_blowup_patience consecutive evaluations: the
     # metric above factor x its best so far, above the cap, or never good: (a Frechet distance) at or above
@@ -163,11 +166,20 @@ class DivergenceConfig(StrictModel):
     # (None: that rule off). Calibrated on 64-image grids (tests/test_events.py): real digits, MNIST-framed
     # digits and photo patches give diversity ratios 0.90-1.06 and class shares 0.80-1.0; one repeated sample
     # 0, with pixel noise of 4 / 16 / 32 (of 255) 0.05-0.09 / 0.20-0.34 / 0.38-0.67, a flat field 0, two
-    # alternating glyphs 0.64 (class share 0.2), real images of one digit 0.69 (class share 0.15-0.16).
-    mode_collapse: float | None = Field(0.5, gt=0, lt=1)
-    mode_collapse_classes: float | None = Field(0.5, gt=0, lt=1)
+    # alternating glyphs 0.64 (class share 0.2), real images of one digit 0.69 (class share 0.15-0.16). Young
+    # healthy generators (bench/detector.py, 200 iterations) are less varied than data: ratios from 0.56,
+    # class shares from 0.48 at their last evaluation; generators collapsed to one image give 0 and 0.1.
+    mode_collapse: float | None = Field(0.4, gt=0, lt=1)
+    mode_collapse_classes: float | None = Field(0.3, gt=0, lt=1)
     mode_collapse_warmup_evals: int = Field(1, ge=0)  # not judged: an untrained G's output is near-constant
     mode_collapse_patience: int = Field(1, ge=1)
+    # Learning, judged at the end for the outcome (never a stop): a run has learned once its primary metric
+    # has gone below no_learning x the best constant generator's level (a Frechet distance's tr(sigma_real),
+    # which any generator without variety scores at least); a run that never has is `no_learning`. None:
+    # not judged, as for a primary metric without such a level (kid). Calibrated on fd_digits
+    # (bench/detector.py): runs a person judged healthy reach 0.09-0.50 of the level by 200 iterations, runs
+    # that never learned stay at 0.79-1.40 (noise, blobs, flat fields, one repeated image).
+    no_learning: float | None = Field(0.65, gt=0, le=1)
     policy: dict[str, Literal["stop", "record"]] = Field(
         default_factory=lambda: {
             "nonfinite_loss": "stop", "nonfinite_grad": "stop", "grad_explosion": "stop",

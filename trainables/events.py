@@ -12,19 +12,24 @@ the trial. Every threshold and window is a field of trainables.config.Divergence
   without so recovering is a `grad_explosion`, at its first iteration. Start-up: an episode opened in the
   first grad_explosion_startup iterations is a spike whatever it does (closed as one when the start-up ends;
   if the norm is still over, a new episode opens then), and those iterations stay out of the median.
-- `grad_vanishing`: D's total gradient norm below grad_vanishing at grad_vanishing_patience consecutive
-  logging steps. `d_saturation`: min D(real) - max D(fake) above d_saturation_margin at d_saturation_patience
-  consecutive logging steps.
-- `fid_blowup`: a non-finite metric at once; else, after fid_blowup_warmup_evals evaluations, the metric at
-  fid_blowup_patience consecutive evaluations above fid_blowup_factor x its best so far, above fid_blowup_cap,
-  or never got good: at or above `constant_level` (a Fréchet distance's tr(sigma_real): no better than the
-  best constant generator, i.e. one repeated image) and worse than at the run's first evaluation (a young
-  run is no better than a constant yet, but it improves); at the first evaluation of that streak.
+- `grad_vanishing`: both D's and G's total gradient norms below grad_vanishing at grad_vanishing_patience
+  consecutive logging steps (neither network trains any more). `d_saturation`: min D(real) - max D(fake)
+  above d_saturation_margin at d_saturation_patience consecutive logging steps.
 - `mode_collapse`: after mode_collapse_warmup_evals evaluations (an untrained generator's output is nearly
   constant), the evaluation grid's diversity ratio (trainables.diagnostics.DiversityProbe) below
   mode_collapse, or its class coverage (digit data) below mode_collapse_classes, at mode_collapse_patience
   consecutive evaluations, at the first of them. The event says when it first held;
   `DivergenceWatch.collapsed` says whether it holds at the latest evaluation.
+- `fid_blowup`: a non-finite metric at once; else, after fid_blowup_warmup_evals evaluations, the metric at
+  fid_blowup_patience consecutive evaluations above fid_blowup_cap, or, where the collapse rule does not
+  hold at that evaluation (if it does, the rise is the collapse), above fid_blowup_factor x its best so far
+  or back at `constant_level` after having learned (a Fréchet distance's tr(sigma_real): no better than the
+  best constant generator, i.e. one repeated image); at the first evaluation of that streak.
+
+The outcome of a trial (`DivergenceWatch.outcome`, TRIAL_OUTCOMES) follows from these at its end: diverged
+(`DivergenceWatch.divergence`: a stop, or a recorded divergence that never recovered), no_learning (the
+metric never went below no_learning x constant_level), collapsed (the collapse rule holds at the end), or
+stable. README: Outcomes and divergence.
 
 Per-step causes are tracked on the device by `StepMonitor` without any host synchronisation, for one trial
 (0-dim state) or a pack of K (a leading K dim, `StepMonitor.stack`); they are read at logging steps. The
@@ -41,13 +46,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from trainables.config import DivergenceConfig
+from trainables.config import TRIAL_OUTCOMES, DivergenceConfig
 
 NETWORKS = ("D", "G")
 # Per-step causes, in the order they are reported when several are found at the same update.
 STEP_CAUSES = ("nonfinite_loss", "nonfinite_grad", "grad_explosion", "grad_spike")
 MEDIAN_MIN_STEPS = 8  # in-threshold steps before the running median takes part in the threshold
 CAUSE_ORDER = (0, 1, 1, 1)  # within one update: the loss before the gradient and what it starts or ends
+STABLE, DIVERGED, COLLAPSED, NO_LEARNING = TRIAL_OUTCOMES
 
 
 @dataclass
@@ -250,6 +256,15 @@ class StepMonitor:
                 names[int(layer)] if 0 <= layer < len(names) else None)))
         return [finding for *_, finding in sorted(found, key=lambda item: item[:2])]
 
+    def open_explosions(self, iteration: int) -> dict[str, int]:
+        """{network: first iteration} of each explosion episode still open at `iteration`: not recovered for
+        at least the patience, outside the start-up. One trial's monitor; reads the host."""
+        s, lim = self.state, self.limits
+        start = s["episode_start"]
+        open_ = (start >= 0) & ~s["episode_startup"] & (iteration - start + 1 >= lim["patience"])
+        return {network: int(first) for network, first, held in zip(NETWORKS, start.tolist(), open_.tolist(),
+                                                                      strict=True) if held}
+
     def state_dict(self) -> dict:
         return {"updates": self.updates, **{key: value.cpu() for key, value in self.state.items()}}
 
@@ -319,11 +334,57 @@ class DivergenceWatch:
     blowup_start: int = -1
     collapse_streak: int = 0
     collapse_start: int = -1
+    exploding: dict[str, int] = field(default_factory=dict)  # network -> start of an explosion still open
 
     @property
     def collapsed(self) -> bool:
         """Whether the mode-collapse rule held at the latest evaluations (patience of them)."""
         return self.collapse_streak >= self.config.mode_collapse_patience
+
+    @property
+    def learned(self) -> bool | None:
+        """Whether the primary metric has gone below config.no_learning x constant_level at some evaluation;
+        None where that is not judged (no constant level, no_learning None, or no finite evaluation yet)."""
+        if self.constant_level is None or self.config.no_learning is None or math.isinf(self.best_metric):
+            return None
+        return self.best_metric < self.config.no_learning * self.constant_level
+
+    @property
+    def divergence(self) -> tuple[str, int] | None:
+        """(cause, first iteration) of the divergence that makes the trial `diverged`, or None: the event that
+        stopped it (other than mode_collapse); else, for causes only recorded, one the run never recovered
+        from: a non-finite loss or gradient; an explosion episode still open, or one the run never learned
+        after; vanishing gradients or the metric blow-up rule holding at the latest check."""
+        stop = self.stop_event
+        if stop is not None:
+            return None if stop.cause == "mode_collapse" else (stop.cause, stop.iteration)
+        first = {event.cause: event for event in reversed(self.events)}  # each cause's first event
+        for cause in ("nonfinite_loss", "nonfinite_grad"):
+            if cause in first:
+                return cause, first[cause].iteration
+        if self.exploding:
+            return "grad_explosion", min(self.exploding.values())
+        if "grad_explosion" in first and self.learned is False:
+            return "grad_explosion", first["grad_explosion"].iteration
+        if "grad_vanishing" in first and self.vanishing_streak >= self.config.grad_vanishing_patience:
+            return "grad_vanishing", first["grad_vanishing"].iteration
+        if self.blowup_streak >= self.config.fid_blowup_patience:
+            return "fid_blowup", self.blowup_start
+        return None
+
+    @property
+    def outcome(self) -> str:
+        """The trial's verdict, one of TRIAL_OUTCOMES, from what the watch holds now (README: Outcomes).
+
+        diverged: a `divergence`. no_learning: never learned (`learned` False). collapsed: stopped on
+        mode_collapse, or the mode-collapse rule holds at the latest evaluation. stable: every other run."""
+        if self.divergence is not None:
+            return DIVERGED
+        if self.learned is False:
+            return NO_LEARNING
+        if self.stop_event is not None or self.collapsed:
+            return COLLAPSED
+        return STABLE
 
     @property
     def stop_event(self) -> DivergenceEvent | None:
@@ -338,9 +399,12 @@ class DivergenceWatch:
         self.events.append(DivergenceEvent(cause, iteration, network, layer, safe_values, thresholds,
                                            self.config.action(cause)))
 
-    def check_steps(self, monitor: StepMonitor) -> None:
-        """Per-step causes, read from the device-side monitor (one trial's) at a logging step."""
+    def check_steps(self, monitor: StepMonitor, iteration: int | None = None) -> None:
+        """Per-step causes, read from the device-side monitor (one trial's) at a logging step; with the
+        logging step's `iteration`, also which explosions are still open then (for `divergence`)."""
         cfg = self.config
+        if iteration is not None:
+            self.exploding = monitor.open_explosions(iteration)
         for found in monitor.read():
             key = "loss" if found.cause == "nonfinite_loss" else "grad_norm"
             thresholds = {}
@@ -351,14 +415,20 @@ class DivergenceWatch:
             self._record(found.cause, found.iteration, found.network, {key: found.value}, thresholds,
                          found.layer)
 
-    def check_logging_step(self, iteration: int, *, grad_norm_d: float, d_real_min: float,
+    def check_logging_step(self, iteration: int, *, grad_norm_d: float, grad_norm_g: float, d_real_min: float,
                            d_fake_max: float) -> None:
-        """Vanishing D gradients and D saturation, each needing several consecutive logging steps."""
+        """Vanishing gradients and D saturation, each needing several consecutive logging steps.
+
+        grad_vanishing needs both networks' total gradient norms below the threshold: then neither trains any
+        more (a saturated G, a D that separates every batch), a state no run leaves. D's alone is a hinge D
+        separating the batch (its gradient is exactly 0 then), which a run leaves once G catches up, and
+        which d_saturation records (measured: bench/detector.py)."""
         cfg = self.config
-        vanishing = math.isfinite(grad_norm_d) and grad_norm_d < cfg.grad_vanishing
+        vanishing = all(math.isfinite(g) and g < cfg.grad_vanishing for g in (grad_norm_d, grad_norm_g))
         self.vanishing_streak = self.vanishing_streak + 1 if vanishing else 0
         if self.vanishing_streak >= cfg.grad_vanishing_patience:
-            self._record("grad_vanishing", iteration, "D", {"grad_norm": grad_norm_d},
+            self._record("grad_vanishing", iteration, "G", {"grad_norm": grad_norm_g,
+                                                            "grad_norm_d": grad_norm_d},
                          {"grad_norm": cfg.grad_vanishing, "patience": cfg.grad_vanishing_patience})
         margin = d_real_min - d_fake_max
         self.saturation_streak = self.saturation_streak + 1 if margin > cfg.d_saturation_margin else 0
@@ -369,46 +439,51 @@ class DivergenceWatch:
 
     def check_evaluation(self, iteration: int, metric: str, value: float,
                          diversity: Mapping[str, float] | None = None) -> None:
-        """The metric blow-up (the primary metric, lower is better) and mode collapse, at an evaluation.
+        """Mode collapse and the metric blow-up (the primary metric, lower is better), at an evaluation.
 
-        diversity: DiversityProbe's report of this evaluation's grid (`diversity_ratio` is judged)."""
+        diversity: DiversityProbe's report of this evaluation's grid (`diversity_ratio` and `class_coverage`
+        are judged). Where the collapse rule holds, a finite metric's rise (over factor x best, or back at the
+        constant level) is no blow-up: it rose because the samples lost their variety, which is the collapse
+        (measured: bench/detector.py). The cap holds whatever."""
         cfg = self.config
         self.evaluations += 1
+        collapsed_now = diversity is not None and self._collapse_holds(diversity)
+        if diversity is not None:
+            self.collapse_streak, self.collapse_start = _streak(collapsed_now, self.collapse_streak,
+                                                                self.collapse_start, iteration)
+            if self.collapse_streak >= cfg.mode_collapse_patience:
+                self._record("mode_collapse", self.collapse_start, "G", dict(diversity), {
+                    "diversity_ratio": cfg.mode_collapse, "class_coverage": cfg.mode_collapse_classes,
+                    "warmup_evals": cfg.mode_collapse_warmup_evals, "patience": cfg.mode_collapse_patience})
         best = self.best_metric
         thresholds = {"factor": cfg.fid_blowup_factor, "cap": cfg.fid_blowup_cap,
-                      "constant_level": self.constant_level, "warmup_evals": cfg.fid_blowup_warmup_evals,
-                      "patience": cfg.fid_blowup_patience}
+                      "constant_level": self.constant_level, "no_learning": cfg.no_learning,
+                      "warmup_evals": cfg.fid_blowup_warmup_evals, "patience": cfg.fid_blowup_patience}
         values = {metric: value, f"best_{metric}": best, f"first_{metric}": self.first_metric,
                   "constant_level": self.constant_level}
         if not math.isfinite(value):
             self._record("fid_blowup", iteration, "G", values, thresholds)
-        else:
-            self.best_metric = min(best, value)
-            if math.isnan(self.first_metric):
-                self.first_metric = value
-            never_good = (self.constant_level is not None and value >= self.constant_level
-                          and value > self.first_metric)
-            blown_up = self.evaluations > cfg.fid_blowup_warmup_evals and (
-                value > cfg.fid_blowup_factor * best
-                or (cfg.fid_blowup_cap is not None and value > cfg.fid_blowup_cap) or never_good)
-            self.blowup_streak, self.blowup_start = _streak(blown_up, self.blowup_streak, self.blowup_start,
-                                                            iteration)
-            if self.blowup_streak >= cfg.fid_blowup_patience:
-                self._record("fid_blowup", self.blowup_start, "G", values, thresholds)
-        if diversity is None:
             return
-        coverage = diversity.get("class_coverage")
-        collapsed = self.evaluations > cfg.mode_collapse_warmup_evals and (
+        self.best_metric = min(best, value)
+        if math.isnan(self.first_metric):
+            self.first_metric = value
+        # Learned, then lost it: no better than a constant generator again. (Never learned: no_learning.)
+        fell_back = bool(self.learned) and value >= self.constant_level
+        risen = not collapsed_now and (value > cfg.fid_blowup_factor * best or fell_back)
+        blown_up = self.evaluations > cfg.fid_blowup_warmup_evals and (
+            risen or (cfg.fid_blowup_cap is not None and value > cfg.fid_blowup_cap))
+        self.blowup_streak, self.blowup_start = _streak(blown_up, self.blowup_streak, self.blowup_start,
+                                                        iteration)
+        if self.blowup_streak >= cfg.fid_blowup_patience:
+            self._record("fid_blowup", self.blowup_start, "G", values, thresholds)
+
+    def _collapse_holds(self, diversity: Mapping[str, float]) -> bool:
+        """The mode-collapse rule at one evaluation (after the warm-up): too little diversity or classes."""
+        cfg, coverage = self.config, diversity.get("class_coverage")
+        return self.evaluations > cfg.mode_collapse_warmup_evals and (
             (cfg.mode_collapse is not None and diversity["diversity_ratio"] < cfg.mode_collapse)
             or (cfg.mode_collapse_classes is not None and coverage is not None
                 and coverage < cfg.mode_collapse_classes))
-        self.collapse_streak, self.collapse_start = _streak(collapsed, self.collapse_streak,
-                                                            self.collapse_start, iteration)
-        if self.collapse_streak >= cfg.mode_collapse_patience:
-            self._record("mode_collapse", self.collapse_start, "G", dict(diversity),
-                         {"diversity_ratio": cfg.mode_collapse, "class_coverage": cfg.mode_collapse_classes,
-                          "warmup_evals": cfg.mode_collapse_warmup_evals,
-                          "patience": cfg.mode_collapse_patience})
 
     def state_dict(self) -> dict:
         return {"events": [event.to_json() for event in self.events],
@@ -422,7 +497,7 @@ class DivergenceWatch:
 
 # DivergenceWatch's scalar state beside its events: what a checkpoint keeps for an exact resume.
 _WATCH_STATE = ("best_metric", "first_metric", "evaluations", "vanishing_streak", "saturation_streak",
-                "blowup_streak", "blowup_start", "collapse_streak", "collapse_start")
+                "blowup_streak", "blowup_start", "collapse_streak", "collapse_start", "exploding")
 
 
 def _streak(holds: bool, streak: int, start: int, iteration: int) -> tuple[int, int]:

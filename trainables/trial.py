@@ -147,7 +147,8 @@ def logged_values(d: DStep, g: GStep) -> dict[str, Tensor]:
     batch = d.fake.shape[-4]
     d_real, d_fake = d.logits[..., :batch], d.logits[..., batch:]
     return {"loss_d": d.loss, "loss_g": g.loss, "d_real": d_real.mean(-1), "d_fake": d_fake.mean(-1),
-            "d_real_min": d_real.amin(-1), "d_fake_max": d_fake.amax(-1), "grad_norm_d": d.grad_norm}
+            "d_real_min": d_real.amin(-1), "d_fake_max": d_fake.amax(-1), "grad_norm_d": d.grad_norm,
+            "grad_norm_g": g.grad_norm}
 
 
 # ---- the schedule ------------------------------------------------------------------------------------------
@@ -368,11 +369,12 @@ class Trial:
         metrics |= {key: values[key] for key in ("loss_d", "loss_g", "d_real", "d_fake", "d_real_min",
                                                  "d_fake_max")}
         metrics |= spectral_metrics(self.discriminator) | theory_metrics(self.discriminator)
-        self.watch.check_steps(self.monitor)
+        self.watch.check_steps(self.monitor, iteration)
         metrics |= input_gradient_norms(self.discriminator, real, "grad_x_real")
         metrics |= input_gradient_norms(self.discriminator, fake, "grad_x_fake")
         self.watch.check_logging_step(iteration, grad_norm_d=values["grad_norm_d"],
-                                      d_real_min=values["d_real_min"], d_fake_max=values["d_fake_max"])
+                                      grad_norm_g=values["grad_norm_g"], d_real_min=values["d_real_min"],
+                                      d_fake_max=values["d_fake_max"])
         if self.watch.stop_event is None and (last or iteration % cfg.eval_every == 0):
             metrics |= self.evaluate(iteration)
             self.objective = metrics[cfg.primary_metric]
@@ -385,10 +387,11 @@ class Trial:
         if stop is not None or last:
             if stop is not None or self.objective is None:
                 self.objective = cfg.divergence.diverged_objective
+            divergence = self.watch.divergence  # the stop's, or a recorded one that never recovered
             metrics |= {
-                "done": 1, "objective": self.objective,
-                "divergence_cause": stop.cause if stop else "",
-                "divergence_step": stop.iteration if stop else -1, "events": len(self.watch.events),
+                "done": 1, "objective": self.objective, "outcome": self.watch.outcome,
+                "divergence_cause": divergence[0] if divergence else "",
+                "divergence_step": divergence[1] if divergence else -1, "events": len(self.watch.events),
             }
             self.summary = finite_only(metrics)
             self.write_events()
