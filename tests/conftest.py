@@ -91,9 +91,10 @@ def mlflow_server(tmp_path_factory) -> str:
         proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """A real local Ray (2 CPUs, no dashboard) shared by the tests that run studies in this process."""
+    """A real local Ray (2 CPUs, no dashboard) shared by one module's tests that run studies in this process;
+    down at the module's end, so that no other module finds a Ray it did not start."""
     import ray
 
     # address="local": a Ray of the tests' own, never one `ray start` runs on this machine
