@@ -196,13 +196,14 @@ def test_update_never_synchronises_with_the_host_alone_or_stacked():
 
 # ---- logging-step and evaluation causes ----------------------------------------------------------
 
-def test_grad_vanishing_needs_both_networks_at_patience_consecutive_logging_steps():
+def test_grad_vanishing_is_gs_gradient_gone_at_patience_consecutive_logging_steps():
     watch = DivergenceWatch(DivergenceConfig(grad_vanishing=1e-3, grad_vanishing_patience=3))
+    # D still trains (a G frozen by saturation leaves D a gradient): G's gradient alone decides
     for iteration, grad in [(10, 0.0), (20, 0.0), (30, 1.0), (40, 0.0), (50, 1e-4), (60, 0.0)]:
-        watch.check_logging_step(iteration, grad_norm_d=grad, grad_norm_g=grad, d_real_min=0.0,
+        watch.check_logging_step(iteration, grad_norm_d=1.02, grad_norm_g=grad, d_real_min=0.0,
                                  d_fake_max=1.0)
     assert summary(watch) == [("grad_vanishing", "G", 60, "stop")]
-    assert watch.events[0].values == {"grad_norm": 0.0, "grad_norm_d": 0.0}
+    assert watch.events[0].values == {"grad_norm": 0.0, "grad_norm_d": 1.02}
     assert watch.events[0].thresholds == {"grad_norm": 1e-3, "patience": 3}
     # A hinge D's gradient is exactly 0 while it separates every batch; G still trains: no vanishing
     # (bench/detector.py: such runs learn once G catches up, or never learn and end no_learning).

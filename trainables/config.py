@@ -148,7 +148,7 @@ class DivergenceConfig(StrictModel):
     # their run's level from iteration 3 on (x947 and 5.6e5 in G's first step before the loop took the
     # official power-iteration order).
     grad_explosion_startup: int = Field(5, ge=0)
-    grad_vanishing: float = Field(1e-8, gt=0)  # total gradient norms of D and G both below this ...
+    grad_vanishing: float = Field(1e-8, gt=0)  # G's total gradient norm below this (G frozen for good) ...
     grad_vanishing_patience: int = Field(5, ge=1)  # ... at this many consecutive logging steps
     # Metric blow-up, after the warm-up evaluations, at fid_blowup_patience consecutive evaluations: the
     # metric above factor x its best so far, above the cap, or never good: (a Frechet distance) at or above

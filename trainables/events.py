@@ -12,8 +12,8 @@ the trial. Every threshold and window is a field of trainables.config.Divergence
   without so recovering is a `grad_explosion`, at its first iteration. Start-up: an episode opened in the
   first grad_explosion_startup iterations is a spike whatever it does (closed as one when the start-up ends;
   if the norm is still over, a new episode opens then), and those iterations stay out of the median.
-- `grad_vanishing`: both D's and G's total gradient norms below grad_vanishing at grad_vanishing_patience
-  consecutive logging steps (neither network trains any more). `d_saturation`: min D(real) - max D(fake)
+- `grad_vanishing`: G's total gradient norm below grad_vanishing at grad_vanishing_patience consecutive
+  logging steps (G can no longer change: saturated or dead; D's alone is a hinge D separating a batch). `d_saturation`: min D(real) - max D(fake)
   above d_saturation_margin at d_saturation_patience consecutive logging steps.
 - `mode_collapse`: after mode_collapse_warmup_evals evaluations (an untrained generator's output is nearly
   constant), the evaluation grid's diversity ratio (trainables.diagnostics.DiversityProbe) below
@@ -419,12 +419,13 @@ class DivergenceWatch:
                            d_fake_max: float) -> None:
         """Vanishing gradients and D saturation, each needing several consecutive logging steps.
 
-        grad_vanishing needs both networks' total gradient norms below the threshold: then neither trains any
-        more (a saturated G, a D that separates every batch), a state no run leaves. D's alone is a hinge D
-        separating the batch (its gradient is exactly 0 then), which a run leaves once G catches up, and
-        which d_saturation records (measured: bench/detector.py)."""
+        grad_vanishing is G's total gradient norm below the threshold: a G whose output saturated (tanh at
+        +-1) or whose units died gets no gradient whatever D does, so it never changes again, a state no run
+        leaves (an sn D at lr 10 kills G in its first step so). D's alone is a hinge D separating the batch
+        (its gradient is exactly 0 then), which a run leaves once G catches up, and which d_saturation
+        records (measured: bench/detector.py)."""
         cfg = self.config
-        vanishing = all(math.isfinite(g) and g < cfg.grad_vanishing for g in (grad_norm_d, grad_norm_g))
+        vanishing = math.isfinite(grad_norm_g) and grad_norm_g < cfg.grad_vanishing
         self.vanishing_streak = self.vanishing_streak + 1 if vanishing else 0
         if self.vanishing_streak >= cfg.grad_vanishing_patience:
             self._record("grad_vanishing", iteration, "G", {"grad_norm": grad_norm_g,
