@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
@@ -62,6 +63,13 @@ class StudyContext:
     storage: str  # Ray's storage root (resolved), named when its disk is full
 
 
+def use_cpu_share(spec: StudySpec) -> None:
+    """Torch's CPU threads = the trial's CPU share (resources.cpus, at least 1), whatever the worker's
+    environment: a CPU run is reproducible only at one thread count (README: Reproducibility), and the
+    trial's run records it (TORCH_THREADS_TAG)."""
+    torch.set_num_threads(max(1, int(spec.resources.cpus)))
+
+
 def trial_point(spec: StudySpec, config: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """(point, seed) of a Tune config: a grid gives both; a search gives the point and the repeat index."""
     point = dict(config["point"])
@@ -83,6 +91,7 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
     """The Tune function trainable: one trial, or one pack of trials (`pack_size`), trained and reported."""
     quiet_mlflow()
     spec = StudySpec.model_validate(context.spec)
+    use_cpu_share(spec)
     if "pack" in config:
         members = [(member["point"], member["seed"]) for member in config["pack"]]
         if len(members) > 1:
@@ -249,7 +258,8 @@ def open_trial_run(spec: StudySpec, context: StudyContext, trial: TrialConfig, p
     runtime = ray.get_runtime_context()
     placement = {layout.NODE_ID_TAG: runtime.get_node_id(),
                  layout.GPU_IDS_TAG: ",".join(str(gpu) for gpu in ray.get_gpu_ids()),
-                 layout.RESOURCES_TAG: json.dumps(runtime.get_assigned_resources(), sort_keys=True)}
+                 layout.RESOURCES_TAG: json.dumps(runtime.get_assigned_resources(), sort_keys=True),
+                 layout.TORCH_THREADS_TAG: str(torch.get_num_threads())}
     tags = {layout.STUDY_TAG: spec.name, layout.CELL_TAG: cell, layout.SEED_TAG: str(seed),
             layout.METRIC_TAG: trial.primary_metric, layout.SOURCE_NAME_TAG: layout.SOURCE_NAME, **placement,
             **(pack_tags or {})}

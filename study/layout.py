@@ -12,11 +12,11 @@ EXPERIMENT_KIND so that MLflow's UI opens it on its training runs (not on the Ge
   PARENT_RUN_ID_TAG, ROLE_TAG = TRIAL_ROLE, STUDY_TAG, TRIAL_ID_TAG, CELL_TAG (`cell_key` of the trial's
   axes), SEED_TAG, STATUS_TAG (one of TRIAL_STATUSES), OUTCOME_TAG (one of OUTCOMES, once ended; see
   `outcome`), DIVERGED_TAG ("0" or "1"), DIVERGENCE_CAUSE_TAG, DIVERGENCE_STEP_TAG, NODE_ID_TAG, GPU_IDS_TAG,
-  RESOURCES_TAG; a pack's member also PACK_TAG (its Ray trial id) and PACK_MEMBER_TAG (its index); a trial
-  ASHA stopped STOPPED_EARLY_TAG = "1"; METRIC_TAG (the name of its primary metric); SOURCE_NAME_TAG;
-  RUN_KEY_TAG (`trial_run_key`: the one run of a (parent, cell, seed), however often its creation is
-  retried); a failed trial ERROR_TAG (the message) and FAILURE_TAG (DETERMINISTIC_FAILURE: it fails every
-  time and is never retried; RETRIES_SPENT: Ray's retries ran out).
+  RESOURCES_TAG, TORCH_THREADS_TAG; a pack's member also PACK_TAG (its Ray trial id) and PACK_MEMBER_TAG
+  (its index); a trial ASHA stopped STOPPED_EARLY_TAG = "1"; METRIC_TAG (the name of its primary metric);
+  SOURCE_NAME_TAG; RUN_KEY_TAG (`trial_run_key`: the one run of a (parent, cell, seed), however often its
+  creation is retried); a failed trial ERROR_TAG (the message) and FAILURE_TAG (DETERMINISTIC_FAILURE: it
+  fails every time and is never retried; RETRIES_SPENT: Ray's retries ran out).
   Params: the TrialConfig, `flatten`ed. Input: its dataset (name and resolution, context DATASET_CONTEXT).
   Metrics: each report of the trial (trainables/train.py) under its keys, at step = its `iteration`, and the
   primary metric's value once more as PRIMARY_METRIC (one column for every study, FID or a surrogate).
@@ -72,6 +72,7 @@ DIVERGENCE_CAUSE_TAG = "divergence_cause"  # one of trainables.config.DIVERGENCE
 DIVERGENCE_STEP_TAG = "divergence_step"  # generator iteration, "-1" when none
 NODE_ID_TAG = "node_id"  # where Ray placed the trial
 GPU_IDS_TAG = "gpu_ids"
+TORCH_THREADS_TAG = "torch_threads"  # the trial's torch CPU threads (its CPU share): a CPU run repeats at it
 RESOURCES_TAG = "resources"  # what Ray gave it, as JSON: {"CPU": 1.0, "GPU": 0.25}
 PACK_TAG = "pack"
 PACK_MEMBER_TAG = "pack_member"

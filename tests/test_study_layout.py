@@ -83,7 +83,7 @@ def test_the_review_view_lists_the_trials_by_primary_metric_variant_first_then_t
     assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`primary_metric`", True)
     assert view["selectedColumns"] == view["columnOrder"] == [
         "params.`variant`", "params.`g_lr`", "params.`d_lr`", "params.`beta1`", "params.`scale`",
-        "tags.`status`", "tags.`divergence_cause`", "tags.`divergence_step`", "tags.`metric`",
-        "metrics.`primary_metric`", "metrics.`iteration`"]
+        "tags.`outcome`", "tags.`status`", "tags.`divergence_cause`", "tags.`divergence_step`",
+        "tags.`metric`", "metrics.`primary_metric`", "metrics.`iteration`"]
     assert layout.review_path("7") == ("/#/experiments/7/runs?workflowType=machine_learning"
                                        "&viewStateShareKey=review")

@@ -13,8 +13,9 @@ the trial. Every threshold and window is a field of trainables.config.Divergence
   first grad_explosion_startup iterations is a spike whatever it does (closed as one when the start-up ends;
   if the norm is still over, a new episode opens then), and those iterations stay out of the median.
 - `grad_vanishing`: G's total gradient norm below grad_vanishing at grad_vanishing_patience consecutive
-  logging steps (G can no longer change: saturated or dead; D's alone is a hinge D separating a batch). `d_saturation`: min D(real) - max D(fake)
-  above d_saturation_margin at d_saturation_patience consecutive logging steps.
+  logging steps (G can no longer change: saturated or dead; D's alone is a hinge D separating a batch).
+  `d_saturation`: min D(real) - max D(fake) above d_saturation_margin at d_saturation_patience consecutive
+  logging steps.
 - `mode_collapse`: after mode_collapse_warmup_evals evaluations (an untrained generator's output is nearly
   constant), the evaluation grid's diversity ratio (trainables.diagnostics.DiversityProbe) below
   mode_collapse, or its class coverage (digit data) below mode_collapse_classes, at mode_collapse_patience
