@@ -70,12 +70,13 @@ def trial_outcomes(trials: pd.DataFrame) -> pd.Series:
     """The outcome of each trial: one of OUTCOMES, or "running" while it has none.
 
     The `outcome` column (analysis.collect writes it from each run's tags, study.layout.outcome); a table
-    without one (Parquet collected before the column existed) from `status` and `diverged`: running and failed
-    as their status, a trial stopped on a divergence diverged, a finished one stable.
+    without one (Parquet collected before the column existed) from `status` and `diverged`: running (a killed
+    one too: --resume continues it) and failed as their status, a trial stopped on a divergence diverged, a
+    finished one stable.
     """
     if "outcome" in trials:
         return trials["outcome"].astype(object)
-    status = trials["status"]
+    status = trials["status"].replace({"killed": "running"})
     outcome = np.where(status.isin(["running", "failed"]), status,
                        np.where(trials["diverged"].astype(bool), "diverged", "stable"))
     return pd.Series(outcome, index=trials.index, dtype=object)
