@@ -350,7 +350,7 @@ def _paper_values(tables: StudyTables, metric: str) -> list[tuple[str, str, str]
 
 
 def _section(title: str, body: str) -> str:
-    return f"<h2>{html.escape(title)}</h2>{body}"
+    return f"<h2>{html.escape(title, quote=False)}</h2>{body}"
 
 
 def _note(text: str) -> str:

@@ -287,6 +287,17 @@ def create_run_once(client: MlflowClient, experiment_id: str, key: str, run_name
     return kept.info.run_id
 
 
+def log_inputs(client: MlflowClient, run_id: str, datasets: list[DatasetInput]) -> None:
+    """Log the run's dataset inputs; once more if that fails. Trials starting together race to create their
+    shared dataset's row (MLflow finds none, then both insert: a unique-constraint error for the second,
+    seen with two trials on a cluster); the second attempt finds the row and links it. What fails twice is
+    raised."""
+    try:
+        client.log_inputs(run_id, datasets=datasets)
+    except MlflowException:
+        client.log_inputs(run_id, datasets=datasets)
+
+
 def redacted_values(values: Any) -> Any:
     """Nested spec values with every string `redacted` (tracking.uri and storage may hold credentials)."""
     if isinstance(values, dict):
@@ -592,7 +603,7 @@ class TrialRun:
         run = cls(client, run_id, guard)
         if not run.params:  # new (or its creator died before logging them)
             guard(log_params, client, run_id, params)
-            guard(client.log_inputs, run_id, datasets=list(datasets))
+            guard(log_inputs, client, run_id, list(datasets))
             run._recorded.params.update(params)
         if not run.ended and not run.running:  # an ended run stays as it was: never reopened or closed twice
             guard(client.update_run, run_id, status="RUNNING")

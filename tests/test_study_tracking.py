@@ -113,21 +113,23 @@ def test_finish_tags_a_divergence_as_a_result_not_a_failure(mlflow_server):
     study = Study(mlflow_server)
     client, parent = study.client, study.parent
     run = study.open("t_0002")
-    run.finish({"iteration": 70, "diverged": 1, "divergence_cause": "grad_explosion", "divergence_step": 70})
+    run.finish({"iteration": 70, "diverged": 1, "outcome": "diverged", "divergence_cause": "grad_explosion",
+                "divergence_step": 70})
     finished = client.get_run(run.run_id)
     assert finished.info.status == "FINISHED"
-    keys = ("status", "diverged", "divergence_cause", "divergence_step", "role", "mlflow.parentRunId")
+    keys = ("status", "outcome", "diverged", "divergence_cause", "divergence_step", "role",
+            "mlflow.parentRunId")
     assert {key: finished.data.tags[key] for key in keys} == {
-        "status": "diverged", "diverged": "1", "divergence_cause": "grad_explosion", "divergence_step": "70",
-        "role": "trial", "mlflow.parentRunId": parent}
+        "status": "diverged", "outcome": "diverged", "diverged": "1", "divergence_cause": "grad_explosion",
+        "divergence_step": "70", "role": "trial", "mlflow.parentRunId": parent}
 
 
 def test_an_ended_trial_run_is_not_reopened_and_hands_back_its_final_result(mlflow_server):
     study = Study(mlflow_server)
     client = study.client
     run = study.open("t_0003", seed="1")
-    final = {"iteration": 70, "objective": 1e4, "diverged": 1, "divergence_cause": "nan_loss",
-             "divergence_step": 65, "done": 1}
+    final = {"iteration": 70, "objective": 1e4, "diverged": 1, "outcome": "diverged",
+             "divergence_cause": "nonfinite_loss", "divergence_step": 65, "done": 1}
     run.log_report(final)
     run.finish(final)
     ended_at = client.get_run(run.run_id).info.end_time
@@ -140,8 +142,8 @@ def test_an_ended_trial_run_is_not_reopened_and_hands_back_its_final_result(mlfl
     assert (after.info.status, after.info.end_time, after.data.tags["status"]) == ("FINISHED", ended_at,
                                                                                   "diverged")
     result = again.final_result()
-    expected = {"iteration": 70, "objective": 1e4, "diverged": 1, "divergence_cause": "nan_loss",
-                "divergence_step": 65}
+    expected = {"iteration": 70, "objective": 1e4, "diverged": 1, "outcome": "diverged",
+                "divergence_cause": "nonfinite_loss", "divergence_step": 65}
     assert {key: result[key] for key in expected} == expected
 
 
@@ -374,3 +376,29 @@ def test_two_first_starts_on_a_new_sqlite_database_both_succeed_and_leave_it_who
     assert len(experiments) == 1 and len(runs) == 2  # one experiment, a run each
     client = MlflowClient(uri)  # the schema is whole: a later client reads and writes it
     assert len(client.search_runs(list(experiments))) == 2
+
+
+def test_trials_starting_together_each_get_their_shared_dataset_as_an_input(mlflow_server):
+    """Eight trial runs opened at once with the same new dataset: MLflow's dataset row is created by one, and
+    each run links it (a lost race to create it is an integrity error on the server, retried)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from study.adapter import dataset_input
+    from trainables.config import parse_config
+
+    study = Study(mlflow_server)
+    dataset = dataset_input(parse_config({"dataset": "digits"}))
+    start = Barrier(8)
+
+    def open_trial(k: int) -> str:
+        start.wait()
+        return TrialRun.open(study.client, study.experiment_id, study.parent, f"t_{k}", run_name="r",
+                             tags={"cell": f"c{k}", "seed": "0"}, params={"variant": "sn"},
+                             datasets=[dataset]).run_id
+
+    with ThreadPoolExecutor(8) as pool:
+        run_ids = list(pool.map(open_trial, range(8)))
+    for run_id in run_ids:
+        inputs = study.client.get_run(run_id).inputs.dataset_inputs
+        assert [entry.dataset.name for entry in inputs] == ["digits (32 px)"]

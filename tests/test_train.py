@@ -11,7 +11,7 @@ import torch
 from conftest import float64_trials
 
 import trainables.trial as trial_module
-from trainables.config import ConfigError
+from trainables.config import ConfigError, DivergenceConfig
 from trainables.data import BatchSampler
 from trainables.train import train
 from trainables.trial import CHECKPOINT_FILE
@@ -165,8 +165,11 @@ def test_nonfinite_gradient_with_finite_loss_is_named_as_such(tmp_path, monkeypa
 
 
 def test_huge_learning_rate_explodes_at_the_first_step_above_threshold_after_the_startup(tmp_path):
-    # Without normalization, lr = 1 sends D's gradient norm to ~1e13 and keeps it there.
-    summary, recorder = run(tmp_path, variant="none", g_lr=1.0, d_lr=1.0, log_every=1, iterations=40)
+    # Without normalization, lr = 1 sends D's gradient norm to ~1e13 and keeps it there. It saturates G
+    # too, whose gradient is then gone: recorded here, so that the explosion rule's own step is what stops.
+    policy = DivergenceConfig().policy | {"grad_vanishing": "record"}
+    summary, recorder = run(tmp_path, variant="none", g_lr=1.0, d_lr=1.0, log_every=1, iterations=40,
+                            divergence={"policy": policy})
     assert summary["divergence_cause"] == "grad_explosion"
     crossed = next(r["iteration"] for r in recorder.reports
                    if r["iteration"] > 5 and r.get("grad_norm/D", 0.0) > 1e4)

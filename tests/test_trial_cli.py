@@ -28,8 +28,9 @@ def test_trains_prints_progress_and_writes_metrics_samples_and_checkpoint(tmp_pa
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["iteration"] for row in rows] == [5, 10, 15, 20]
     assert rows[-1]["done"] == 1 and rows[-1]["objective"] == rows[-1]["fd_digits"]
-    assert json.loads(result.stdout.splitlines()[-1]) == {
-        "objective": rows[-1]["objective"], "diverged": 0, "divergence_cause": "", "divergence_step": -1}
+    assert json.loads(result.stdout.splitlines()[-1]) == {  # 20 iterations: never better than one image yet
+        "outcome": "no_learning", "objective": rows[-1]["objective"], "diverged": 0, "divergence_cause": "",
+        "divergence_step": -1}
     grid = Image.open(out / "samples" / "iter_0000020.png")
     assert grid.size[0] > 32 * 7 and len(set(grid.convert("L").getdata())) > 10  # an 8-wide grid, not blank
     assert (out / "checkpoint" / "state.pt").is_file()
