@@ -41,7 +41,7 @@ from trainables.config import ConfigError, TrialConfig
 from trainables.metrics.reference import BUILTIN_LOCATIONS, data_location
 from trainables.packing import member_name, train_pack
 from trainables.train import train
-from trainables.trial import CheckpointError
+from trainables.trial import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 
 ARTIFACT_PATTERNS = (layout.SAMPLES_PATTERN, layout.EVENTS_ARTIFACT)  # in the trial's folder
 PATH_FIELDS = ("data_root", "cache_dir", "inception_weights")  # resolved against the driver's folder
@@ -114,6 +114,9 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
         tune.report({**result, "mlflow_seconds": run.log_seconds})
         return
 
+    if resume_from is not None:
+        run.log_resume(checkpoint_iteration(resume_from))
+
     def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         log_to_run(run, workdir, metrics, checkpoint_dir, trial.primary_metric)
         if "objective" not in metrics:
@@ -166,6 +169,10 @@ def run_pack(spec: StudySpec, members: list[tuple[dict[str, Any], int]], context
     if len(recorded) == len(runs):
         tune.report(pack_result(last_iteration()))
         return
+    if resume_from is not None:
+        for k, run in enumerate(runs):
+            if k not in recorded:
+                run.log_resume(checkpoint_iteration(resume_from / member_name(k)))
 
     def member_report(k: int) -> Callable[..., None]:
         def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
@@ -242,6 +249,11 @@ def report_to_tune(result: dict[str, Any], checkpoint_dir: str | None, context: 
         raise CheckpointError(f"cannot copy checkpoint {checkpoint_dir} into Ray's storage "
                               f"{redacted(target)} (no space left on device){free}; Ray keeps the previous "
                               "checkpoint") from None
+
+
+def checkpoint_iteration(folder: Path) -> int:
+    """The iteration a trial's checkpoint folder was saved at."""
+    return int(load_checkpoint(folder / CHECKPOINT_FILE, torch.device("cpu"))["iteration"])
 
 
 def restored_checkpoint(workdir: Path) -> Path | None:

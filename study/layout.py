@@ -19,7 +19,8 @@ EXPERIMENT_KIND so that MLflow's UI opens it on its training runs (not on the Ge
   fails every time and is never retried; RETRIES_SPENT: Ray's retries ran out).
   Params: the TrialConfig, `flatten`ed. Input: its dataset (name and resolution, context DATASET_CONTEXT).
   Metrics: each report of the trial (trainables/train.py) under its keys, at step = its `iteration`, and the
-  primary metric's value once more as PRIMARY_METRIC (one column for every study, FID or a surrogate).
+  primary metric's value once more as PRIMARY_METRIC (one column for every study, FID or a surrogate), and
+  RESUMED_FROM once per attempt restored from a checkpoint (a retry, a `--resume`).
   Artifacts: the files of the trial's folder matching SAMPLES_PATTERN, EVENTS_ARTIFACT (the divergence
   events, a JSON list) and, failed, ERROR_ARTIFACT (the error and its traceback).
 
@@ -83,6 +84,7 @@ FAILURE_TAG = "failure"  # why a trial failed: DETERMINISTIC_FAILURE or RETRIES_
 
 # Metrics of a trial's run besides the trial's own report keys
 PRIMARY_METRIC = "primary_metric"  # the value of METRIC_TAG's metric at each evaluation
+RESUMED_FROM = "resumed_from"  # an attempt restored from a checkpoint: its iteration, at that step
 DATASET_CONTEXT = "training"  # the context of a trial's dataset input (MLflow's mlflow.data.context)
 
 STUDY_ROLE = "study"

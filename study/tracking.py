@@ -651,6 +651,11 @@ class TrialRun:
         self.log_seconds += time.perf_counter() - started
         return True
 
+    def log_resume(self, iteration: int) -> None:
+        """Record that this attempt starts from the checkpoint of `iteration` (RESUMED_FROM at that step)."""
+        metric = Metric(layout.RESUMED_FROM, float(iteration), int(time.time() * 1000), iteration)
+        self.guard(self.client.log_batch, self.run_id, metrics=[metric])
+
     def log_new_artifacts(self, workdir: Path, paths: Iterable[Path]) -> None:
         """Upload the files that are new or changed since they were last logged (samples, events.json)."""
         started = time.perf_counter()

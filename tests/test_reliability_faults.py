@@ -152,14 +152,13 @@ def assert_every_step_once(client: MlflowClient, run, iterations: int) -> None:
     assert objective == sorted(set(objective)) and objective[-1] == last
 
 
-def resumed_at(trial_dir: Path, member: str = "") -> int:
-    """The iteration of the checkpoint a trial's retry was restored from: the copy of Tune's checkpoint in
-    its work/resume folder (Ray's result.json is no record of the attempts: a retry starts from the copy in
-    storage, which may be older than the killed attempt's last results)."""
-    import torch
-
-    state = torch.load(trial_dir / "work" / "resume" / member / "state.pt", weights_only=True)
-    return int(state["iteration"])
+def resumed_at(client: MlflowClient, run) -> list[int]:
+    """The iterations of the checkpoints the trial's attempts were restored from, as its run records them
+    (study.layout.RESUMED_FROM, at that step: Ray's result.json is no record of the attempts, and a retry
+    starts from the copy in storage, which may be older than the killed attempt's last results)."""
+    history = client.get_metric_history(run.info.run_id, layout.RESUMED_FROM)
+    assert all(metric.step == metric.value for metric in history)
+    return [metric.step for metric in history]
 
 
 def assert_summary_counts(study: Study, runs: list) -> None:
@@ -228,8 +227,8 @@ def test_sigkilled_trial_worker_resumes_from_its_checkpoint_in_the_same_mlflow_r
     for run in runs:
         assert_every_step_once(client, run, 150)
     # Killed after logging 35, the trial had checkpointed at 30 (or, by then, at 40): not restarted from 0.
-    trial_dir = next((tmp_path / "ray").glob(f"*/trial_{victim.data.tags['trial_id']}"))
-    assert resumed_at(trial_dir) in range(30, 150, 10)
+    [iteration] = resumed_at(client, victim)
+    assert iteration in range(30, 150, 10)
     assert_summary_counts(study, runs)
 
 
@@ -258,8 +257,7 @@ def test_sigkilled_pack_worker_resumes_every_member_from_the_pack_checkpoint(stu
     for run in runs:
         assert_every_step_once(client, run, 100)
     # Every member resumed from the one pack checkpoint, at 30 (or, by the kill, 40), not from 0.
-    [trial_dir] = (tmp_path / "ray").glob("pack-kill-*/trial_*")
-    [iteration] = {resumed_at(trial_dir, f"member_{k}") for k in range(3)}
+    [[iteration]] = {tuple(resumed_at(client, run)) for run in runs}
     assert iteration in range(30, 100, 10)
     assert_summary_counts(study, runs)
 

@@ -156,8 +156,8 @@ def test_a_worker_node_lost_mid_trial_is_retried_on_the_head_with_every_trial_an
         for run in runs:
             assert_every_step_once(client, run, 100)
         # The lost trial went on in its own run from a checkpoint (10 or later), on the head.
-        trial_dir = next((tmp_path / "ray").glob(f"*/trial_{victim.data.tags['trial_id']}"))
-        assert resumed_at(trial_dir) in range(10, 100, 10)
+        [iteration] = resumed_at(client, victim)
+        assert iteration in range(10, 100, 10)
 
 
 @pytest.mark.slow
