@@ -566,17 +566,18 @@ def test_a_generator_that_collapses_after_learning_is_collapsed(tmp_path, monkey
     from trainables.train import train
 
     build = trial_module.build_generator
-    monkeypatch.setattr(trial_module, "build_generator", lambda *a, **k: SingleLatent(build(*a, **k), 100))
-    config = DEFAULT_STUDY_TRIAL | {"iterations": 150, "eval_every": 50, "checkpoint_every": 150,
-                                    "cache_dir": str(tmp_path / "cache")}
+    # one image from iteration 151 on: after learning (bench/detector.py's digits/sn_lr1e-3, this config at
+    # 1 thread: fd_digits 406 at 150, under a third of the constant level 1329; at 100 it may not have yet)
+    monkeypatch.setattr(trial_module, "build_generator", lambda *a, **k: SingleLatent(build(*a, **k), 150))
+    config = DEFAULT_STUDY_TRIAL | {"eval_every": 50, "cache_dir": str(tmp_path / "cache")}
     reports = []
     summary = train(config, lambda metrics, checkpoint: reports.append(metrics), workdir=tmp_path / "trial")
     evaluations = [r for r in reports if "fd_digits" in r]
-    assert evaluations[1]["diversity_ratio"] > DEFAULTS.mode_collapse  # learned and varied at iteration 100
-    assert evaluations[2]["diversity_ratio"] < 0.01  # one image at 150
+    assert evaluations[2]["diversity_ratio"] > DEFAULTS.mode_collapse  # varied at iteration 150
+    assert evaluations[3]["diversity_ratio"] < 0.01  # one image at 200
     events = json.loads((tmp_path / "trial" / "events.json").read_text())
     judged = [(e["cause"], e["iteration"]) for e in events if e["cause"] in ("mode_collapse", "fid_blowup")]
-    # One mode_collapse streak, holding at 150, and no blow-up: the metric's rise with it is the collapse.
-    # The streak may open at 100, where a young grid's few classes (class_coverage < 0.3) meet the rule.
-    assert [cause for cause, _ in judged] == ["mode_collapse"] and judged[0][1] in (100, 150)
-    assert (summary["outcome"], summary["diverged"], summary["iteration"]) == ("collapsed", 0, 150)
+    # mode_collapse, holding at 200, and no blow-up: the metric's rise with it is the collapse. (A young
+    # grid's few classes, class_coverage < 0.3, may record an earlier streak too.)
+    assert {cause for cause, _ in judged} == {"mode_collapse"}
+    assert (summary["outcome"], summary["diverged"], summary["iteration"]) == ("collapsed", 0, 200)
