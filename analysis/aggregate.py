@@ -70,15 +70,15 @@ def trial_outcomes(trials: pd.DataFrame) -> pd.Series:
     """The outcome of each trial: one of OUTCOMES, or "running" while it has none.
 
     The `outcome` column (analysis.collect writes it from each run's tags, study.layout.outcome); a table
-    without one (Parquet collected before the column existed) from `status` and `diverged`: running (a killed
-    one too: --resume continues it) and failed as their status, a trial stopped on a divergence diverged, a
-    finished one stable.
+    without one (Parquet collected before the column existed) by the same function from `status`,
+    `diverged` and, where there, `mlflow_status`.
     """
     if "outcome" in trials:
         return trials["outcome"].astype(object)
-    status = trials["status"].replace({"killed": "running"})
-    outcome = np.where(status.isin(["running", "failed"]), status,
-                       np.where(trials["diverged"].astype(bool), "diverged", "stable"))
+    mlflow_status = trials["mlflow_status"] if "mlflow_status" in trials else ["FINISHED"] * len(trials)
+    outcome = [layout.outcome({layout.STATUS_TAG: status, layout.DIVERGED_TAG: str(int(diverged))}, state)
+               for status, diverged, state in zip(trials["status"], trials["diverged"], mlflow_status,
+                                                 strict=True)]
     return pd.Series(outcome, index=trials.index, dtype=object)
 
 
