@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +32,14 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
          "--artifacts-destination", str(root / "artifacts")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
+
+
+def kill_mlflow_server(server: subprocess.Popen) -> None:
+    """SIGKILL a server started in a session of its own (`start_mlflow_server`) and its workers, its process
+    group, if it still runs, then reap it: an outage the tests inject, and their cleanup."""
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=30)
 
 
 def wait_for_http(url: str, timeout: float = 60.0) -> None:

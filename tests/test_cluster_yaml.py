@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 import ray.autoscaler
 import yaml
-from conftest import free_port, wait_for_http
+from conftest import free_port, kill_mlflow_server, wait_for_http
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.scripts.scripts import cli as ray_cli
 
@@ -202,5 +202,4 @@ def test_the_basic_auth_setup_refuses_anonymous_requests_and_lets_the_nodes_cred
                                 env={**os.environ, "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": uri})
         assert result.stdout.strip() == "on-the-cluster", result.stderr[-2000:]
     finally:
-        os.killpg(server.pid, 9)
-        server.wait(timeout=30)
+        kill_mlflow_server(server)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, start_mlflow_server, wait_for_http
+from conftest import free_port, kill_mlflow_server, start_mlflow_server, wait_for_http
 from mlflow.tracking import MlflowClient
 
 from study import layout
@@ -314,8 +314,7 @@ def test_mlflow_server_down_for_10_s_mid_study_loses_no_metric(studies, tmp_path
         wait_for(lambda: any(run.data.metrics.get("iteration", 0) >= 15
                              for run in trial_runs(client, "mlflow-down")), 300, "no trial reached 15")
         down = time.time()
-        os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, mid-study
-        server.wait(timeout=30)
+        kill_mlflow_server(server)  # mid-study
         time.sleep(10)
         server = start_mlflow_server(root, port)  # same database: back as it was
         wait_for_http(f"{uri}/health")
@@ -330,9 +329,7 @@ def test_mlflow_server_down_for_10_s_mid_study_loses_no_metric(studies, tmp_path
                  for run in runs]
         assert any(min(stamps) < down and max(stamps) > up for stamps in spans), (down, up)
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
+        kill_mlflow_server(server)
 
 
 @pytest.mark.slow
@@ -349,8 +346,7 @@ def test_hung_mlflow_server_at_the_start_is_refused_within_15_s_before_any_trial
         result = subprocess.run(study.command() + ["--dry-run"], cwd=tmp_path, env=study.env,
                                 capture_output=True, text=True, timeout=120)
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
+        kill_mlflow_server(server)
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"--tracking-uri {uri}: no MLflow server answered within 15 s" in result.stderr
     assert not (tmp_path / "ray").exists()

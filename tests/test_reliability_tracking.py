@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port, start_mlflow_server, wait_for_http
+from conftest import free_port, kill_mlflow_server, start_mlflow_server, wait_for_http
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -262,8 +262,7 @@ def test_a_tracking_outage_longer_than_the_clients_retries_is_waited_out_and_ray
         study.start()
         wait_for(lambda: any(run.data.metrics.get("iteration", 0) >= 15
                              for run in trial_runs(client, "long-outage")), 300, "no trial reached 15")
-        os.killpg(server.pid, signal.SIGKILL)  # the server and its workers
-        server.wait(timeout=30)
+        kill_mlflow_server(server)
         wait_for(lambda: "unreachable: waiting up to" in study.output(), 120, "no trial waited for /health")
         server = start_mlflow_server(root, port)  # same database, after the client's retries are long spent
         wait_for_http(f"{uri}/health")
@@ -280,9 +279,7 @@ def test_a_tracking_outage_longer_than_the_clients_retries_is_waited_out_and_ray
         for folder in folders:  # one attempt each: Ray recorded no error and restored nothing
             assert not list(folder.glob("error.*")) and not (folder / "work" / "resume").exists()
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
+        kill_mlflow_server(server)
 
 
 # ---- Ctrl+C, then the server moved ------------------------------------------------------------------------
@@ -319,8 +316,7 @@ def test_ctrl_c_kills_every_run_and_resume_after_the_server_moved_finishes_there
         assert (cut_run.data.tags["status"], cut_run.info.status) == ("killed", "KILLED")
         assert client.get_run(ended.info.run_id).info.status == "FINISHED"
 
-        os.killpg(server.pid, signal.SIGKILL)  # the server moves: its database and artifacts, a new port
-        server.wait(timeout=30)
+        kill_mlflow_server(server)  # the server moves: its database and artifacts, a new port
         new_port = free_port()
         server = start_mlflow_server(root, new_port)
         new_uri = f"http://127.0.0.1:{new_port}"
@@ -337,9 +333,7 @@ def test_ctrl_c_kills_every_run_and_resume_after_the_server_moved_finishes_there
         [parent] = parent_runs(client, "moved")
         assert (parent.data.tags["status"], parent.info.status) == ("finished", "FINISHED")
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
+        kill_mlflow_server(server)
 
 
 # ---- two first starts at once ------------------------------------------------------------------------------
